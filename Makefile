@@ -1,0 +1,54 @@
+# eyehub: `make demo` and `make test` are all a fresh machine needs.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.eyehub-installed
+# torch first: this pin resolves to the local CPU build here and the CUDA build on GPU hosts;
+# an unpinned torch would pull several GB of CUDA packages.
+TORCH_PIN := torch==2.13.0
+DEBIAN_PACKAGES := dicom3tools dcm2niix
+
+.PHONY: install system-deps demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Debian tools the tests and benchmarks use (dciodvfy validates the synthetic DICOM,
+# dcm2niix is the ingest benchmark's comparison). Installed where we can (root + apt);
+# tests that need them are skipped with a reason where they are absent.
+system-deps:
+	@missing=""; \
+	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
+	command -v dcm2niix >/dev/null || missing="$$missing dcm2niix"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	      || echo "warning: could not install$$missing; tests that need them will be skipped"; \
+	  else echo "warning: not root or no apt-get; missing:$$missing"; fi; \
+	fi
+
+demo: install
+	$(VENV)/bin/eyehub demo
+
+test: install
+	$(PY) -m pytest
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: install
+	$(PY) bench/bench_synth.py
+
+clean:
+	rm -rf .eyehub .pytest_cache .mypy_cache .ruff_cache
