@@ -7,7 +7,7 @@ STAMP := $(VENV)/.eyehub-installed
 # torch first: this pin resolves to the local CPU build here and the CUDA build on GPU hosts;
 # an unpinned torch would pull several GB of CUDA packages.
 TORCH_PIN := torch==2.13.0
-DEBIAN_PACKAGES := dicom3tools dcm2niix
+DEBIAN_PACKAGES := dicom3tools dcm2niix dcmtk
 
 .PHONY: install system-deps demo test lint bench clean
 
@@ -28,6 +28,7 @@ system-deps:
 	@missing=""; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v dcm2niix >/dev/null || missing="$$missing dcm2niix"; \
+	command -v dcmcjpeg >/dev/null || missing="$$missing dcmtk"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

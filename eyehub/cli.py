@@ -112,11 +112,81 @@ def synth(
     )
 
 
+EXIT_QUARANTINED = 3
+
+
+@app.command()
+def keygen(
+    path: Annotated[Path, typer.Argument(help="Where to write the new key file (mode 0600).")],
+) -> None:
+    """Write a new secret pseudonymisation key. Keep it out of the repository and backed up:
+    a lost key means new pseudonyms for everyone."""
+    from ingest import generate_key_file
+
+    generate_key_file(path)
+    console.print(f"wrote a new key to {path} (mode 0600)")
+
+
+@app.command()
+def ingest(
+    sources: Annotated[list[Path], typer.Argument(help="DICOM files or folders (any names).")],
+    out: Annotated[Path, typer.Option("--out", help="The dataset directory to write.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="labels.csv keyed by mrn, eye, study_date.")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Hub secret key (default: $EYEHUB_KEY_FILE).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Files converted at once (Ray tasks).")] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+    ] = None,
+    max_decoded_bytes: Annotated[
+        str, typer.Option(help="Quarantine scans whose decoded size exceeds this (e.g. 4GiB).")
+    ] = "4GiB",
+) -> None:
+    """De-identify DICOM into a dataset: OME-Zarr scans, catalog.parquet, quarantine.parquet.
+
+    Exit status: 0 every input converted or already present; 3 some inputs quarantined
+    (see quarantine.parquet); 2 usage error (bad arguments, missing key).
+    """
+    from ingest import IngestSettings, load_key, parse_size, run_ingest
+
+    env = Environment.from_environ()
+    key = load_key(key_file or env.key_file)
+    settings = IngestSettings(
+        workers=workers, max_decoded_bytes=parse_size(max_decoded_bytes),
+        ray_address=ray_address or env.ray_address,
+    )
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("ingest", total=None, rate="")
+
+        def started(total: int) -> None:
+            bar.update(task, total=total)
+
+        def advance(done: int) -> None:
+            elapsed = time.perf_counter() - start
+            bar.update(task, completed=done, rate=f"{done / max(elapsed, 1e-9):.1f} files/s")
+
+        summary = run_ingest(sources, out, key, labels, settings, started, advance)
+    console.print(
+        f"{summary.files} files in {summary.seconds:.1f} s: {summary.converted} converted, "
+        f"{summary.present} already present, {summary.quarantined_total} quarantined"
+        + (f", {summary.ignored} ignored (DICOMDIR)" if summary.ignored else "")
+    )
+    for reason, count in sorted(summary.quarantined.items()):
+        console.print(f"  quarantined {count:>5}  {reason}")
+    console.print(f"dataset: {out}  ({summary.catalog_rows} scans in catalog.parquet)")
+    if summary.quarantined_total:
+        console.print(f"see {out / 'quarantine.parquet'} for what to do about each")
+        raise typer.Exit(EXIT_QUARANTINED)
+
+
 @app.command()
 def demo(
     home: Annotated[
-        Path | None,
-        typer.Option(help="Where the demo writes (default: $EYEHUB_HOME or ./.eyehub)."),
+        Path | None, typer.Option(help="Where the demo writes (default: $EYEHUB_HOME or ./.eyehub).")
     ] = None,
     patients: Annotated[int, typer.Option(help="Patients in the demo cohort.")] = 24,
 ) -> None:
@@ -124,18 +194,33 @@ def demo(
     env = Environment.from_environ()
     root = (home or env.home) / "demo"
     cohort = root / "cohort"
-    console.rule("[bold]1/1 synth: a synthetic hospital export")
+    dataset = root / "dataset"
+    key_path = root / "hub.key"
+    console.rule("[bold]1/2 synth: a synthetic hospital export")
     synth(cohort, patients=patients, seed=7, size="small", workers=None)
+    console.rule("[bold]2/2 ingest: de-identify into an OME-Zarr dataset")
+    if not key_path.exists():
+        from ingest import generate_key_file
+
+        generate_key_file(key_path)
+        console.print(f"created a demo pseudonymisation key at {key_path} (mode 0600); "
+                      "outside the demo, pass --key-file or set EYEHUB_KEY_FILE")
+    try:
+        ingest([cohort / "dicom"], dataset, cohort / "labels.csv", key_path, 2, None, "4GiB")
+    except typer.Exit as exc:
+        if exc.exit_code not in (0, EXIT_QUARANTINED):
+            raise
     console.rule("[bold]done")
     console.print(f"demo outputs are under {root.resolve()}")
     console.print(f"  synthetic DICOM export: {(cohort / 'dicom').resolve()}")
+    console.print(f"  de-identified dataset:  {dataset.resolve()} (scans.zarr, catalog.parquet)")
 
 
 def main() -> None:
     """Console entry point: EyehubErrors become one line on stderr and an exit code.
 
-    Exit codes: 0 success; 1 the job ran but some inputs failed (see each verb); 2 usage or
-    configuration error; 130 interrupted.
+    Exit codes: 0 success; 2 usage or configuration error; 3 the job ran but some inputs
+    were quarantined (ingest); 130 interrupted.
     """
     try:
         app()  # standalone: click prints its own usage errors and exits 2

@@ -401,7 +401,9 @@ def build_oct_opt(
     measures.SliceThickness = round(spacing.bscan_mm, 6)
     shared.PixelMeasuresSequence = Sequence([measures])
     orientation = Dataset()
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, 1]
+    # rows run along the scan (+x), columns into the eye (-z): the normal is +y, the
+    # direction the raster advances in, so plane positions sort like InStackPositionNumber
+    orientation.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
     shared.PlaneOrientationSequence = Sequence([orientation])
     anatomy = Dataset()
     anatomy.AnatomicRegionSequence = _retina_region()

@@ -1,0 +1,121 @@
+"""Convert one source file into the dataset: the unit of work a Ray task runs.
+
+Plain Python (no Ray): read, check, decode, de-identify, clean pixels, write atomically.
+Returns a small result record; never raises for a bad input (it becomes a quarantine
+result), so one bad file can never stop a batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import resource
+from pathlib import Path
+from typing import Any
+
+from eyehub.errors import InputError
+from ingest.deid import deidentify
+from ingest.keys import HubKey
+from ingest.pixels import clear_outside_fov
+from ingest.reader import DirectoryRecord, classify, decode_scan, read_header
+from ingest.store import read_scan_attributes, scan_path, write_scan
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int) -> dict[str, Any]:
+    """Convert `path`; returns {'outcome': converted|present|quarantined|ignored, ...}."""
+    result: dict[str, Any] = {"path": str(path), "outcome": "quarantined", "sha256": None}
+    try:
+        stat = path.stat()
+        result.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
+        result["sha256"] = sha = file_sha256(path)
+        ds = read_header(path)
+        classify(ds)
+        sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
+        if sop_uid:
+            existing = read_scan_attributes(scan_path(dataset, key.scan_id(sop_uid)))
+            if existing is not None:
+                return _existing(result, existing, key.scan_id(sop_uid), sha)
+        scan = decode_scan(ds, max_decoded_bytes)
+        fov_fraction = None
+        cleaned = False
+        pixels = scan.pixels
+        if scan.modality == "fundus":
+            pixels, fov_fraction = clear_outside_fov(pixels)
+            cleaned = True
+        deid = deidentify(scan.header, key, scan.modality, scan.eye, scan.references, cleaned)
+        attrs = deid.attributes
+        row = {
+            "scan_id": deid.scan_id,
+            "patient_id": deid.patient_id,
+            "eye": scan.eye,
+            "modality": scan.modality,
+            "sop_class_uid": attrs.get("SOPClassUID"),
+            "shape": list(pixels.shape),
+            "axes": "".join(scan.axes),
+            "dtype": str(pixels.dtype),
+            "spacing_mm": list(scan.spacing_mm) if scan.spacing_mm else None,
+            "manufacturer": attrs.get("Manufacturer"),
+            "model": attrs.get("ManufacturerModelName"),
+            "acquisition_date": deid.acquisition_date.isoformat() if deid.acquisition_date else None,
+            "study_date": deid.study_date.isoformat() if deid.study_date else None,
+            "study_uid": attrs.get("StudyInstanceUID"),
+            "transfer_syntax_uid": attrs.get("TransferSyntaxUID"),
+            "lossy": attrs.get("LossyImageCompression") == "01",
+            "fov_fraction": fov_fraction,
+            "linked_scan_ids": deid.linked_scan_ids,
+            "source_sha256": sha,
+        }
+        written = write_scan(dataset, deid.scan_id, pixels, scan.axes, scan.spacing_mm,
+                             {"dicom": attrs, "catalog": row})
+        if not written:
+            existing = read_scan_attributes(scan_path(dataset, deid.scan_id)) or {}
+            return _existing(result, existing, deid.scan_id, sha)
+        result.update(outcome="converted", scan_id=deid.scan_id, decoded_bytes=pixels.nbytes)
+    except DirectoryRecord:
+        result.update(outcome="ignored")
+    except InputError as exc:
+        result.update(outcome="quarantined", reason=exc.reason, detail=exc.detail)
+    except MemoryError:
+        result.update(outcome="quarantined", reason="too_large",
+                      detail="decoding ran out of memory; lower --workers or raise memory.")
+    except Exception as exc:  # a bad file must never stop the batch
+        log.debug("unexpected %s converting %s", type(exc).__name__, path)
+        result.update(outcome="quarantined", reason="unreadable",
+                      detail=f"unexpected {type(exc).__name__} while reading; report this "
+                      "file's export settings to the eyehub maintainers.")
+    finally:
+        result["peak_rss_bytes"] = _peak_rss_bytes()
+    return result
+
+
+def _existing(result: dict[str, Any], attrs: dict[str, Any], scan_id: str,
+              sha: str) -> dict[str, Any]:
+    stored_sha = attrs.get("eyehub", {}).get("catalog", {}).get("source_sha256")
+    if stored_sha == sha:
+        result.update(outcome="present", scan_id=scan_id)
+    else:
+        result.update(outcome="quarantined", reason="duplicate_instance",
+                      detail="another file with different bytes already holds this SOP "
+                      "Instance UID; keep one of the two exports.")
+    return result
+
+
+def convert_batch(paths: list[str], dataset: str, secret: bytes,
+                  max_decoded_bytes: int) -> list[dict[str, Any]]:
+    """Convert a few files in one task (amortises task overhead on small files)."""
+    key = HubKey(secret)
+    return [convert_file(Path(p), Path(dataset), key, max_decoded_bytes) for p in paths]

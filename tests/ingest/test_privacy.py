@@ -1,0 +1,67 @@
+"""Nothing that identifies a patient leaves ingest: every byte written is searched for the
+identifiers the synthetic cohort planted (ARCHITECTURE.md, "Privacy")."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+
+
+def _planted(cohort: Path) -> set[str]:
+    values: set[str] = set()
+    for p in json.loads((cohort / "phi.json").read_text()):
+        for field in ("patient_name", "mrn", "other_patient_id", "birth_date", "address",
+                      "institution", "referring_physician", "device_serial", "station_name"):
+            values.add(p[field])
+        values.update(p["accession_numbers"])
+        values.update(p["study_dates"])  # real dates: only shifted ones may leave
+        values.update(p["patient_name"].split("^"))  # surname and given name apart
+        values.add(p["birth_date"][:4] + "-" + p["birth_date"][4:6] + "-" + p["birth_date"][6:])
+        values.update(d[:4] + "-" + d[4:6] + "-" + d[6:] for d in p["study_dates"])
+    with open(cohort / "truth.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            ds = pydicom.dcmread(cohort / r["path"], stop_before_pixels=True)
+            values.update({ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID})
+    return {v for v in values if len(v) >= 4}
+
+
+@pytest.fixture(scope="module")
+def cli_run(small_cohort: Path, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    dataset = tmp_path_factory.mktemp("privacy") / "ds"
+    out = subprocess.run(
+        [sys.executable, "-m", "eyehub.cli", "--verbose", "ingest", str(small_cohort / "dicom"),
+         "--out", str(dataset), "--labels", str(small_cohort / "labels.csv"),
+         "--key-file", str(key_file)],
+        capture_output=True, text=True, timeout=600, check=False,
+        env={**os.environ, "COLUMNS": "150"},
+    )
+    assert out.returncode == 0, out.stderr
+    return dataset, out.stdout + out.stderr
+
+
+def test_no_planted_identifier_in_any_byte_written_or_logged(small_cohort: Path, cli_run) -> None:
+    dataset, log_text = cli_run
+    planted = _planted(small_cohort)
+    assert len(planted) > 100
+    needles = [v.encode() for v in planted] + [v.upper().encode() for v in planted]
+    files = [p for p in dataset.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".parquet" for p in files) and len(files) > 100
+    for path in files:
+        data = path.read_bytes()
+        hits = [n.decode() for n in needles if n in data]
+        assert not hits, f"{path.relative_to(dataset)} holds {hits[:3]}"
+    hits = [v for v in planted if v in log_text]
+    assert not hits, f"the log holds {hits[:3]}"
+
+
+def test_nothing_but_the_dataset_is_written(small_cohort: Path, cli_run) -> None:
+    dataset, _ = cli_run
+    top = {p.name for p in dataset.iterdir()}
+    assert top == {"scans.zarr", "catalog.parquet", "quarantine.parquet", ".ingest"}
