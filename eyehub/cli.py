@@ -155,7 +155,8 @@ def ingest(
     env = Environment.from_environ()
     key = load_key(key_file or env.key_file)
     settings = IngestSettings(
-        workers=workers, max_decoded_bytes=parse_size(max_decoded_bytes),
+        workers=workers,
+        max_decoded_bytes=parse_size(max_decoded_bytes),
         ray_address=ray_address or env.ray_address,
     )
     start = time.perf_counter()
@@ -174,6 +175,7 @@ def ingest(
         f"{summary.files} files in {summary.seconds:.1f} s: {summary.converted} converted, "
         f"{summary.present} already present, {summary.quarantined_total} quarantined"
         + (f", {summary.ignored} ignored (DICOMDIR)" if summary.ignored else "")
+        + (f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else "")
     )
     for reason, count in sorted(summary.quarantined.items()):
         console.print(f"  quarantined {count:>5}  {reason}")
@@ -186,7 +188,8 @@ def ingest(
 @app.command()
 def demo(
     home: Annotated[
-        Path | None, typer.Option(help="Where the demo writes (default: $EYEHUB_HOME or ./.eyehub).")
+        Path | None,
+        typer.Option(help="Where the demo writes (default: $EYEHUB_HOME or ./.eyehub)."),
     ] = None,
     patients: Annotated[int, typer.Option(help="Patients in the demo cohort.")] = 24,
 ) -> None:
@@ -203,8 +206,10 @@ def demo(
         from ingest import generate_key_file
 
         generate_key_file(key_path)
-        console.print(f"created a demo pseudonymisation key at {key_path} (mode 0600); "
-                      "outside the demo, pass --key-file or set EYEHUB_KEY_FILE")
+        console.print(
+            f"created a demo pseudonymisation key at {key_path} (mode 0600); "
+            "outside the demo, pass --key-file or set EYEHUB_KEY_FILE"
+        )
     try:
         ingest([cohort / "dicom"], dataset, cohort / "labels.csv", key_path, 2, None, "4GiB")
     except typer.Exit as exc:

@@ -12,7 +12,18 @@ from ingest.run import IngestSettings, IngestSummary, parse_size, run_ingest
 from ingest.store import SCANS, read_pixels
 
 __all__ = [
-    "CATALOG", "QUARANTINE", "REASONS", "SCANS", "DecodedScan", "HubKey", "IngestSettings",
-    "IngestSummary", "generate_key_file", "load_key", "parse_size", "read_pixels",
-    "read_scan", "run_ingest",
+    "CATALOG",
+    "QUARANTINE",
+    "REASONS",
+    "SCANS",
+    "DecodedScan",
+    "HubKey",
+    "IngestSettings",
+    "IngestSummary",
+    "generate_key_file",
+    "load_key",
+    "parse_size",
+    "read_pixels",
+    "read_scan",
+    "run_ingest",
 ]

@@ -26,33 +26,37 @@ QUARANTINE = "quarantine.parquet"
 STATE = ".ingest"
 LABELS = "labels.parquet"
 
-CATALOG_SCHEMA = pa.schema([
-    ("scan_id", pa.string()),
-    ("patient_id", pa.string()),
-    ("eye", pa.string()),
-    ("modality", pa.string()),
-    ("sop_class_uid", pa.string()),
-    ("shape", pa.list_(pa.int64())),
-    ("axes", pa.string()),
-    ("dtype", pa.string()),
-    ("spacing_mm", pa.list_(pa.float64())),
-    ("manufacturer", pa.string()),
-    ("model", pa.string()),
-    ("acquisition_date", pa.date32()),
-    ("study_date", pa.date32()),
-    ("study_uid", pa.string()),
-    ("transfer_syntax_uid", pa.string()),
-    ("lossy", pa.bool_()),
-    ("fov_fraction", pa.float64()),
-    ("linked_scan_ids", pa.list_(pa.string())),
-    ("source_sha256", pa.string()),
-])
-QUARANTINE_SCHEMA = pa.schema([
-    ("source_path", pa.string()),
-    ("reason", pa.string()),
-    ("detail", pa.string()),
-    ("source_sha256", pa.string()),
-])
+CATALOG_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("patient_id", pa.string()),
+        ("eye", pa.string()),
+        ("modality", pa.string()),
+        ("sop_class_uid", pa.string()),
+        ("shape", pa.list_(pa.int64())),
+        ("axes", pa.string()),
+        ("dtype", pa.string()),
+        ("spacing_mm", pa.list_(pa.float64())),
+        ("manufacturer", pa.string()),
+        ("model", pa.string()),
+        ("acquisition_date", pa.date32()),
+        ("study_date", pa.date32()),
+        ("study_uid", pa.string()),
+        ("transfer_syntax_uid", pa.string()),
+        ("lossy", pa.bool_()),
+        ("fov_fraction", pa.float64()),
+        ("linked_scan_ids", pa.list_(pa.string())),
+        ("source_sha256", pa.string()),
+    ]
+)
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("source_path", pa.string()),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("source_sha256", pa.string()),
+    ]
+)
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
@@ -69,14 +73,24 @@ def _record_name(source_path: str) -> str:
     return hashlib.sha256(source_path.encode("utf-8")).hexdigest()[:32] + ".json"
 
 
-def record_quarantine(dataset: Path, source_path: str, reason: str, detail: str,
-                      sha256: str | None) -> None:
+def record_quarantine(
+    dataset: Path, source_path: str, reason: str, detail: str, sha256: str | None
+) -> None:
     folder = _quarantine_dir(dataset)
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / _record_name(source_path)
     tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"source_path": source_path, "reason": reason,
-                               "detail": detail, "source_sha256": sha256}), encoding="utf-8")
+    tmp.write_text(
+        json.dumps(
+            {
+                "source_path": source_path,
+                "reason": reason,
+                "detail": detail,
+                "source_sha256": sha256,
+            }
+        ),
+        encoding="utf-8",
+    )
     os.replace(tmp, target)
 
 

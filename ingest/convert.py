@@ -70,7 +70,9 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
             "spacing_mm": list(scan.spacing_mm) if scan.spacing_mm else None,
             "manufacturer": attrs.get("Manufacturer"),
             "model": attrs.get("ManufacturerModelName"),
-            "acquisition_date": deid.acquisition_date.isoformat() if deid.acquisition_date else None,
+            "acquisition_date": deid.acquisition_date.isoformat()
+            if deid.acquisition_date
+            else None,
             "study_date": deid.study_date.isoformat() if deid.study_date else None,
             "study_uid": attrs.get("StudyInstanceUID"),
             "transfer_syntax_uid": attrs.get("TransferSyntaxUID"),
@@ -79,8 +81,14 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
             "linked_scan_ids": deid.linked_scan_ids,
             "source_sha256": sha,
         }
-        written = write_scan(dataset, deid.scan_id, pixels, scan.axes, scan.spacing_mm,
-                             {"dicom": attrs, "catalog": row})
+        written = write_scan(
+            dataset,
+            deid.scan_id,
+            pixels,
+            scan.axes,
+            scan.spacing_mm,
+            {"dicom": attrs, "catalog": row},
+        )
         if not written:
             existing = read_scan_attributes(scan_path(dataset, deid.scan_id)) or {}
             return _existing(result, existing, deid.scan_id, sha)
@@ -90,32 +98,43 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
     except InputError as exc:
         result.update(outcome="quarantined", reason=exc.reason, detail=exc.detail)
     except MemoryError:
-        result.update(outcome="quarantined", reason="too_large",
-                      detail="decoding ran out of memory; lower --workers or raise memory.")
+        result.update(
+            outcome="quarantined",
+            reason="too_large",
+            detail="decoding ran out of memory; lower --workers or raise memory.",
+        )
     except Exception as exc:  # a bad file must never stop the batch
         log.debug("unexpected %s converting %s", type(exc).__name__, path)
-        result.update(outcome="quarantined", reason="unreadable",
-                      detail=f"unexpected {type(exc).__name__} while reading; report this "
-                      "file's export settings to the eyehub maintainers.")
+        result.update(
+            outcome="quarantined",
+            reason="unreadable",
+            detail=f"unexpected {type(exc).__name__} while reading; report this "
+            "file's export settings to the eyehub maintainers.",
+        )
     finally:
         result["peak_rss_bytes"] = _peak_rss_bytes()
     return result
 
 
-def _existing(result: dict[str, Any], attrs: dict[str, Any], scan_id: str,
-              sha: str) -> dict[str, Any]:
+def _existing(
+    result: dict[str, Any], attrs: dict[str, Any], scan_id: str, sha: str
+) -> dict[str, Any]:
     stored_sha = attrs.get("eyehub", {}).get("catalog", {}).get("source_sha256")
     if stored_sha == sha:
         result.update(outcome="present", scan_id=scan_id)
     else:
-        result.update(outcome="quarantined", reason="duplicate_instance",
-                      detail="another file with different bytes already holds this SOP "
-                      "Instance UID; keep one of the two exports.")
+        result.update(
+            outcome="quarantined",
+            reason="duplicate_instance",
+            detail="another file with different bytes already holds this SOP "
+            "Instance UID; keep one of the two exports.",
+        )
     return result
 
 
-def convert_batch(paths: list[str], dataset: str, secret: bytes,
-                  max_decoded_bytes: int) -> list[dict[str, Any]]:
+def convert_batch(
+    paths: list[str], dataset: str, secret: bytes, max_decoded_bytes: int
+) -> list[dict[str, Any]]:
     """Convert a few files in one task (amortises task overhead on small files)."""
     key = HubKey(secret)
     return [convert_file(Path(p), Path(dataset), key, max_decoded_bytes) for p in paths]

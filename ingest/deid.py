@@ -35,10 +35,21 @@ METHOD_CODES = {
 
 # attributes kept verbatim: device identity and technical description only
 _KEEP = (
-    "Modality", "SOPClassUID", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
-    "PhotometricInterpretation", "BitsAllocated", "BitsStored", "SamplesPerPixel",
-    "LossyImageCompression", "LossyImageCompressionMethod", "HorizontalFieldOfView",
-    "NumberOfFrames", "Rows", "Columns",
+    "Modality",
+    "SOPClassUID",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "PhotometricInterpretation",
+    "BitsAllocated",
+    "BitsStored",
+    "SamplesPerPixel",
+    "LossyImageCompression",
+    "LossyImageCompressionMethod",
+    "HorizontalFieldOfView",
+    "NumberOfFrames",
+    "Rows",
+    "Columns",
 )
 _UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
 _DATES = ("StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate")
@@ -78,13 +89,22 @@ def _plain(value: Any) -> Any:
         return str(value)
 
 
-def deidentify(ds: Dataset, key: HubKey, modality: str, eye: str,
-               references: list[tuple[str, str]], pixels_cleaned: bool) -> Deidentified:
+def deidentify(
+    ds: Dataset,
+    key: HubKey,
+    modality: str,
+    eye: str,
+    references: list[tuple[str, str]],
+    pixels_cleaned: bool,
+) -> Deidentified:
     """Build the de-identified record of one instance (the header, pixels aside)."""
     mrn = str(ds.get("PatientID", "") or "").strip()
     if not mrn:
-        raise InputError("missing_patient_id", "the file has no PatientID, so its patient "
-                         "cannot be pseudonymised or linked to labels; fix the export.")
+        raise InputError(
+            "missing_patient_id",
+            "the file has no PatientID, so its patient "
+            "cannot be pseudonymised or linked to labels; fix the export.",
+        )
     sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
     if not sop_uid:
         raise InputError("unreadable", "the file has no SOP Instance UID.")
@@ -124,8 +144,11 @@ def deidentify(ds: Dataset, key: HubKey, modality: str, eye: str,
         METHOD_CODES[m][1] for m in methods
     )
     attrs["DeidentificationMethodCodeSequence"] = [
-        {"CodeValue": METHOD_CODES[m][0], "CodingSchemeDesignator": "DCM",
-         "CodeMeaning": METHOD_CODES[m][1]}
+        {
+            "CodeValue": METHOD_CODES[m][0],
+            "CodingSchemeDesignator": "DCM",
+            "CodeMeaning": METHOD_CODES[m][1],
+        }
         for m in methods
     ]
     study_date = dates.get("StudyDate") or dates.get("SeriesDate")

@@ -43,7 +43,9 @@ def read_labels(path: Path, key: HubKey) -> pd.DataFrame:
     try:
         raw = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
-        raise UsageError(f"labels file {path} is not a readable CSV ({type(exc).__name__})") from None
+        raise UsageError(
+            f"labels file {path} is not a readable CSV ({type(exc).__name__})"
+        ) from None
     raw.columns = [c.strip().lower() for c in raw.columns]
     missing = [c for c in KEY_COLUMNS if c not in raw.columns]
     if missing:
@@ -68,15 +70,20 @@ def read_labels(path: Path, key: HubKey) -> pd.DataFrame:
         records.append(rec)
     if bad_lines:
         shown = ", ".join(map(str, bad_lines[:10])) + (" ..." if len(bad_lines) > 10 else "")
-        log.warning("labels: skipped %d row(s) with an unreadable mrn, eye or study_date "
-                    "(lines %s)", len(bad_lines), shown)
+        log.warning(
+            "labels: skipped %d row(s) with an unreadable mrn, eye or study_date (lines %s)",
+            len(bad_lines),
+            shown,
+        )
     table = pd.DataFrame.from_records(
         records, columns=["patient_id", "eye", "study_date", *label_cols]
     )
     dupes = table.duplicated(["patient_id", "eye", "study_date"], keep="last")
     if dupes.any():
-        log.warning("labels: %d duplicate (mrn, eye, study_date) row(s); the last one wins",
-                    int(dupes.sum()))
+        log.warning(
+            "labels: %d duplicate (mrn, eye, study_date) row(s); the last one wins",
+            int(dupes.sum()),
+        )
         table = table[~dupes]
     for col in label_cols:
         table[col] = _typed(table[col])

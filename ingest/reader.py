@@ -93,15 +93,32 @@ def read_header(path: Path) -> Dataset:
             warnings.simplefilter("ignore")  # odd VRs in device exports are not our errors
             ds = pydicom.dcmread(path)
     except InvalidDicomError:
-        raise _fail("not_dicom", "not a DICOM file: it has no DICM preamble. Remove it or "
-                    "export the image as DICOM Part 10.") from None
-    except (EOFError, ValueError, OSError, struct.error, KeyError, TypeError, IndexError,
-            AttributeError, NotImplementedError) as exc:
+        raise _fail(
+            "not_dicom",
+            "not a DICOM file: it has no DICM preamble. Remove it or "
+            "export the image as DICOM Part 10.",
+        ) from None
+    except (
+        EOFError,
+        ValueError,
+        OSError,
+        struct.error,
+        KeyError,
+        TypeError,
+        IndexError,
+        AttributeError,
+        NotImplementedError,
+    ) as exc:
         if isinstance(exc, OSError) and not isinstance(exc, EOFError) and exc.errno is not None:
-            raise _fail("unreadable", f"cannot read the file ({type(exc).__name__}); "
-                        "check permissions and storage.") from None
-        raise _fail("truncated", "the file ends before its data elements do "
-                    f"({type(exc).__name__}); copy it again from the source.") from None
+            raise _fail(
+                "unreadable",
+                f"cannot read the file ({type(exc).__name__}); check permissions and storage.",
+            ) from None
+        raise _fail(
+            "truncated",
+            "the file ends before its data elements do "
+            f"({type(exc).__name__}); copy it again from the source.",
+        ) from None
     _check_complete(ds, path.stat().st_size)
     if ds.get("SOPClassUID") is None and "file_meta" in ds:
         ds.SOPClassUID = ds.file_meta.get("MediaStorageSOPClassUID")
@@ -115,15 +132,19 @@ def _check_complete(ds: Dataset, file_size: int) -> None:
     the file and hold as many bytes as it declares.
     """
     if not ds._dict:
-        raise _fail("truncated", "the file holds no data elements after its header; copy it "
-                    "again from the source.")
+        raise _fail(
+            "truncated",
+            "the file holds no data elements after its header; copy it again from the source.",
+        )
     last = ds._dict[max(ds._dict)]
     if isinstance(last, RawDataElement) and last.length != UNDEFINED_LENGTH:
         end = last.value_tell + last.length
         short_value = last.value is not None and len(last.value) < last.length
         if end != file_size or short_value:
-            raise _fail("truncated", "the file ends before its data elements do; copy it "
-                        "again from the source.")
+            raise _fail(
+                "truncated",
+                "the file ends before its data elements do; copy it again from the source.",
+            )
 
 
 def classify(ds: Dataset) -> str:
@@ -140,13 +161,19 @@ def classify(ds: Dataset) -> str:
         colour = int(ds.get("SamplesPerPixel", 1) or 1) == 3
         if colour and modality.upper() in EXPORT_MODALITIES:
             return "fundus"
-        raise _fail("not_ophthalmic", f"a {EXPORT_CLASSES[sop_class]} with modality "
-                    f"{_safe_code(modality)} and {'colour' if colour else 'monochrome'} pixels "
-                    "is not a colour fundus export; eyehub reads OP, OPT and colour OP/XC "
-                    "exports.")
+        raise _fail(
+            "not_ophthalmic",
+            f"a {EXPORT_CLASSES[sop_class]} with modality "
+            f"{_safe_code(modality)} and {'colour' if colour else 'monochrome'} pixels "
+            "is not a colour fundus export; eyehub reads OP, OPT and colour OP/XC "
+            "exports.",
+        )
     name = pydicom.uid.UID(sop_class).name if sop_class else "no SOP Class UID"
-    raise _fail("not_ophthalmic", f"modality {_safe_code(modality)} ({_safe_code(name)}) is "
-                "not ophthalmic; eyehub reads OP, OPT and colour OP/XC exports.")
+    raise _fail(
+        "not_ophthalmic",
+        f"modality {_safe_code(modality)} ({_safe_code(name)}) is "
+        "not ophthalmic; eyehub reads OP, OPT and colour OP/XC exports.",
+    )
 
 
 def _safe_code(text: str) -> str:
@@ -168,8 +195,11 @@ def laterality(ds: Dataset) -> str:
     for value in candidates:
         if value and str(value).strip().upper() in ("R", "L"):
             return str(value).strip().upper()
-    raise _fail("missing_laterality", "no ImageLaterality, FrameLaterality or Laterality says "
-                "which eye this is (R or L); fix the export or add the laterality.")
+    raise _fail(
+        "missing_laterality",
+        "no ImageLaterality, FrameLaterality or Laterality says "
+        "which eye this is (R or L); fix the export or add the laterality.",
+    )
 
 
 def declared_size(ds: Dataset) -> int:
@@ -183,33 +213,47 @@ def declared_size(ds: Dataset) -> int:
 
 def _check_pixels(ds: Dataset, max_decoded_bytes: int) -> None:
     if "PixelData" not in ds:
-        raise _fail("no_pixel_data", "the file has no Pixel Data; it is not an image "
-                    "(a report or a structured document?).")
+        raise _fail(
+            "no_pixel_data",
+            "the file has no Pixel Data; it is not an image (a report or a structured document?).",
+        )
     if not ds.get("Rows") or not ds.get("Columns"):
         raise _fail("no_pixel_data", "Rows or Columns is missing or zero.")
     size = declared_size(ds)
     if size > max_decoded_bytes:
-        raise _fail("too_large", f"declared decoded size {size / 2**30:.2f} GiB exceeds "
-                    f"--max-decoded-bytes ({max_decoded_bytes / 2**30:.2f} GiB); raise the "
-                    "limit if a scan this size is expected.")
+        raise _fail(
+            "too_large",
+            f"declared decoded size {size / 2**30:.2f} GiB exceeds "
+            f"--max-decoded-bytes ({max_decoded_bytes / 2**30:.2f} GiB); raise the "
+            "limit if a scan this size is expected.",
+        )
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
-        raise _fail("unsupported_transfer_syntax", f"no decoder for transfer syntax "
-                    f"{_safe_code(ts)} ({_safe_code(ts.name)}); convert the file to a "
-                    "standard syntax (e.g. with dcmdjpeg) and ingest it again.") from None
+        raise _fail(
+            "unsupported_transfer_syntax",
+            f"no decoder for transfer syntax "
+            f"{_safe_code(ts)} ({_safe_code(ts.name)}); convert the file to a "
+            "standard syntax (e.g. with dcmdjpeg) and ingest it again.",
+        ) from None
     if not decoder.is_available:
-        raise _fail("unsupported_transfer_syntax", f"the decoder for {_safe_code(ts.name)} "
-                    "is not installed; install the pylibjpeg plugins (make install).")
+        raise _fail(
+            "unsupported_transfer_syntax",
+            f"the decoder for {_safe_code(ts.name)} "
+            "is not installed; install the pylibjpeg plugins (make install).",
+        )
     if not ts.is_compressed:
         have = len(ds.PixelData)
         bits = int(ds.get("BitsAllocated", 8))
         need = size if bits >= 8 else math.ceil(size * bits / 8)
         if have < need:
-            raise _fail("pixel_data_short", f"Pixel Data holds {have} bytes but Rows x "
-                        f"Columns x Samples x Frames needs {need}; the file was cut short or "
-                        "the header is wrong.")
+            raise _fail(
+                "pixel_data_short",
+                f"Pixel Data holds {have} bytes but Rows x "
+                f"Columns x Samples x Frames needs {need}; the file was cut short or "
+                "the header is wrong.",
+            )
 
 
 def _ybr_to_rgb(pixels: np.ndarray) -> np.ndarray:
@@ -227,9 +271,12 @@ def _decode(ds: Dataset) -> np.ndarray:
             ds.pixel_array_options(as_rgb=False)
             pixels = ds.pixel_array
     except Exception as exc:
-        raise _fail("corrupt_pixel_data", "the pixel data cannot be decoded "
-                    f"({type(exc).__name__}); the compressed stream is damaged. Export the "
-                    "image again.") from None
+        raise _fail(
+            "corrupt_pixel_data",
+            "the pixel data cannot be decoded "
+            f"({type(exc).__name__}); the compressed stream is damaged. Export the "
+            "image again.",
+        ) from None
     if photometric in ("YBR_FULL", "YBR_FULL_422") and pixels.shape[-1] == 3:
         pixels = _ybr_to_rgb(pixels)
     return pixels
@@ -252,8 +299,10 @@ def oct_geometry(ds: Dataset) -> tuple[np.ndarray, tuple[float, float, float]]:
     n = int(ds.get("NumberOfFrames", 1) or 1)
     frames = _frame_items(ds)
     if len(frames) != n:
-        raise _fail("inconsistent_geometry", f"NumberOfFrames is {n} but there are "
-                    f"{len(frames)} per-frame functional group items.")
+        raise _fail(
+            "inconsistent_geometry",
+            f"NumberOfFrames is {n} but there are {len(frames)} per-frame functional group items.",
+        )
     positions: list[int] = []
     plane: list[list[float]] = []
     spacings: set[tuple[float, float]] = set()
@@ -273,8 +322,11 @@ def oct_geometry(ds: Dataset) -> tuple[np.ndarray, tuple[float, float, float]]:
                 thickness.add(round(float(measures.SliceThickness), 9))
     if len(positions) == n:
         if sorted(positions) != list(range(1, n + 1)):
-            raise _fail("inconsistent_geometry", "InStackPositionNumber values are not 1..N "
-                        "once each: frames are missing or repeated.")
+            raise _fail(
+                "inconsistent_geometry",
+                "InStackPositionNumber values are not 1..N "
+                "once each: frames are missing or repeated.",
+            )
         order = np.argsort(positions)
     elif len(plane) == n and n > 1:
         # no stack positions: order along the frames' normal (row x column direction
@@ -288,17 +340,25 @@ def oct_geometry(ds: Dataset) -> tuple[np.ndarray, tuple[float, float, float]]:
             normal = pts[-1] - pts[0]
         along = pts @ normal
         if len(set(np.round(along, 6))) != n:
-            raise _fail("inconsistent_geometry", "frames share plane positions and there is no "
-                        "InStackPositionNumber to order them.")
+            raise _fail(
+                "inconsistent_geometry",
+                "frames share plane positions and there is no InStackPositionNumber to order them.",
+            )
         order = np.argsort(along)
     elif n == 1:
         order = np.zeros(1, dtype=np.int64)
     else:
-        raise _fail("inconsistent_geometry", "frames have neither InStackPositionNumber nor "
-                    "plane positions, so B-scans cannot be put in order.")
+        raise _fail(
+            "inconsistent_geometry",
+            "frames have neither InStackPositionNumber nor "
+            "plane positions, so B-scans cannot be put in order.",
+        )
     if len(spacings) != 1:
-        raise _fail("inconsistent_geometry", "PixelSpacing is missing or differs between "
-                    "frames; the volume has no single in-plane geometry.")
+        raise _fail(
+            "inconsistent_geometry",
+            "PixelSpacing is missing or differs between "
+            "frames; the volume has no single in-plane geometry.",
+        )
     depth_mm, ascan_mm = next(iter(spacings))
     if len(thickness) == 1:
         bscan_mm = next(iter(thickness))
@@ -306,11 +366,14 @@ def oct_geometry(ds: Dataset) -> tuple[np.ndarray, tuple[float, float, float]]:
         pts = np.array(plane)[order]
         bscan_mm = float(np.median(np.linalg.norm(np.diff(pts, axis=0), axis=1)))
     else:
-        raise _fail("inconsistent_geometry", "no SliceThickness or plane positions give the "
-                    "distance between B-scans.")
+        raise _fail(
+            "inconsistent_geometry",
+            "no SliceThickness or plane positions give the distance between B-scans.",
+        )
     if not all(v > 0 for v in (bscan_mm, depth_mm, ascan_mm)):
-        raise _fail("inconsistent_geometry", "a pixel spacing or B-scan distance is zero or "
-                    "negative.")
+        raise _fail(
+            "inconsistent_geometry", "a pixel spacing or B-scan distance is zero or negative."
+        )
     return order, (float(bscan_mm), float(depth_mm), float(ascan_mm))
 
 
@@ -345,8 +408,11 @@ def decode_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
     spacing: tuple[float, ...] | None = None
     if modality == "oct":
         if str(ds.get("BurnedInAnnotation", "NO")).upper() == "YES":
-            raise _fail("burned_in_annotation", "the OCT declares burned-in annotation, which "
-                        "eyehub cannot locate and clear; export it without annotation.")
+            raise _fail(
+                "burned_in_annotation",
+                "the OCT declares burned-in annotation, which "
+                "eyehub cannot locate and clear; export it without annotation.",
+            )
         order, spacing = oct_geometry(ds)
     pixels = _decode(ds)
     if modality == "oct":

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -34,7 +33,7 @@ from ingest.catalog import (
 from ingest.convert import convert_batch
 from ingest.keys import HubKey
 from ingest.labels import read_labels
-from ingest.store import STAGING, open_store, scan_path
+from ingest.store import clean_staging, open_store, scan_path
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,7 @@ class IngestSummary:
     peak_worker_rss_bytes: int = 0
     largest_decoded_bytes: int = 0
     catalog_rows: int = 0
+    nodes: set[str] = field(default_factory=set)  # Ray nodes that converted files
 
     @property
     def quarantined_total(self) -> int:
@@ -72,11 +72,24 @@ def parse_size(text: str | int) -> int:
     """'4GiB', '500MB', '1073741824' -> bytes."""
     if isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "K": 10**3, "KB": 10**3, "M": 10**6, "MB": 10**6, "G": 10**9,
-             "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "T": 10**12, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "K": 10**3,
+        "KB": 10**3,
+        "M": 10**6,
+        "MB": 10**6,
+        "G": 10**9,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "T": 10**12,
+        "TIB": 2**40,
+    }
     s = str(text).strip().upper().replace(" ", "")
     num = s.rstrip("KMGTIB")
-    unit = s[len(num):]
+    unit = s[len(num) :]
     try:
         value = float(num)
     except ValueError:
@@ -133,7 +146,9 @@ def _batches(files: list[Path], settings: IngestSettings) -> list[list[str]]:
     size = 0
     for f in files:
         fsize = f.stat().st_size
-        if current and (len(current) >= settings.batch_files or size + fsize > settings.batch_bytes):
+        if current and (
+            len(current) >= settings.batch_files or size + fsize > settings.batch_bytes
+        ):
             out.append(current)
             current, size = [], 0
         current.append(str(f))
@@ -143,14 +158,27 @@ def _batches(files: list[Path], settings: IngestSettings) -> list[list[str]]:
     return out
 
 
+def _convert_batch_task(
+    paths: list[str], dataset: str, secret: bytes, max_decoded_bytes: int
+) -> tuple[str, list[dict[str, Any]]]:
+    """The Ray task: the plain kernel, plus which node ran it."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    return node, convert_batch(paths, dataset, secret, max_decoded_bytes)
+
+
 def _start_ray(settings: IngestSettings) -> bool:
     """Connect to Ray; returns True when this call started it (and so must stop it)."""
     import ray
 
     if ray.is_initialized():
         return False
-    common: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False,
-                              "configure_logging": False}
+    common: dict[str, Any] = {
+        "logging_level": logging.ERROR,
+        "log_to_driver": False,
+        "configure_logging": False,
+    }
     if settings.ray_address:
         ray.init(address=settings.ray_address, **common)
     else:
@@ -184,8 +212,11 @@ def run_ingest(
     for f in files:
         entry = index.get(str(f))
         st = f.stat()
-        unchanged = entry is not None and entry.get("size") == st.st_size and entry.get(
-            "mtime_ns") == st.st_mtime_ns
+        unchanged = (
+            entry is not None
+            and entry.get("size") == st.st_size
+            and entry.get("mtime_ns") == st.st_mtime_ns
+        )
         if unchanged and entry is not None:
             outcome = entry.get("outcome")
             if outcome == "converted" and scan_path(dataset, entry["scan_id"]).is_dir():
@@ -209,7 +240,7 @@ def run_ingest(
 
         started = _start_ray(settings)
         try:
-            remote = ray.remote(num_cpus=1, max_retries=1)(convert_batch)
+            remote = ray.remote(num_cpus=1, max_retries=1)(_convert_batch_task)
             pending: dict[Any, list[str]] = {}
             queue = _batches(todo, settings)
             last_save = time.monotonic()
@@ -222,12 +253,20 @@ def run_ingest(
                 for ref in ready:
                     batch = pending.pop(ref)
                     try:
-                        results = ray.get(ref)
+                        node, results = ray.get(ref)
+                        summary.nodes.add(node)
                     except Exception as exc:  # a worker died (e.g. killed for memory)
-                        results = [{"path": p, "outcome": "quarantined", "reason": "unreadable",
-                                    "detail": f"the worker reading it failed "
-                                    f"({type(exc).__name__}); try again with fewer --workers.",
-                                    "sha256": None} for p in batch]
+                        results = [
+                            {
+                                "path": p,
+                                "outcome": "quarantined",
+                                "reason": "unreadable",
+                                "detail": f"the worker reading it failed "
+                                f"({type(exc).__name__}); try again with fewer --workers.",
+                                "sha256": None,
+                            }
+                            for p in batch
+                        ]
                     for res in results:
                         _account(dataset, res, summary, index)
                     done += len(results)
@@ -241,22 +280,24 @@ def run_ingest(
             if started:
                 ray.shutdown()
     _save_index(dataset, index)
-    shutil.rmtree(dataset / STAGING, ignore_errors=True)  # every task has finished
+    clean_staging(dataset)
     summary.catalog_rows = len(rebuild_catalog(dataset))
     rebuild_quarantine(dataset)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _account(dataset: Path, res: dict[str, Any], summary: IngestSummary,
-             index: dict[str, dict[str, Any]]) -> None:
+def _account(
+    dataset: Path, res: dict[str, Any], summary: IngestSummary, index: dict[str, dict[str, Any]]
+) -> None:
     path = res["path"]
     outcome = res["outcome"]
     if outcome == "converted":
         summary.converted += 1
         summary.decoded_bytes += res.get("decoded_bytes", 0)
-        summary.largest_decoded_bytes = max(summary.largest_decoded_bytes,
-                                            res.get("decoded_bytes", 0))
+        summary.largest_decoded_bytes = max(
+            summary.largest_decoded_bytes, res.get("decoded_bytes", 0)
+        )
         clear_quarantine(dataset, path)
     elif outcome == "present":
         summary.present += 1
@@ -267,9 +308,11 @@ def _account(dataset: Path, res: dict[str, Any], summary: IngestSummary,
         summary.quarantined[res["reason"]] += 1
         record_quarantine(dataset, path, res["reason"], res["detail"], res.get("sha256"))
         log.warning("quarantined %s: %s", path, res["reason"])
-    summary.peak_worker_rss_bytes = max(summary.peak_worker_rss_bytes,
-                                        res.get("peak_rss_bytes", 0))
+    summary.peak_worker_rss_bytes = max(summary.peak_worker_rss_bytes, res.get("peak_rss_bytes", 0))
     if "size" in res:
-        index[path] = {"size": res["size"], "mtime_ns": res["mtime_ns"], "outcome":
-                       "converted" if outcome == "present" else outcome,
-                       "scan_id": res.get("scan_id")}
+        index[path] = {
+            "size": res["size"],
+            "mtime_ns": res["mtime_ns"],
+            "outcome": "converted" if outcome == "present" else outcome,
+            "scan_id": res.get("scan_id"),
+        }

@@ -10,9 +10,11 @@ record, and `catalog.parquet` is rebuilt from it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,13 +45,41 @@ def open_store(dataset: Path) -> Path:
     root = dataset / SCANS
     if not (root / "zarr.json").exists():
         group = zarr.open_group(root, mode="a", zarr_format=3)
-        group.attrs.update({
-            "eyehub": {"dataset_format": FORMAT_VERSION, "deidentified": True,
-                       "content": "one OME-Zarr 0.5 image per scan, named by scan_id"},
-        })
-    # anything left in staging is from an interrupted run: never visible, safe to drop
-    shutil.rmtree(dataset / STAGING, ignore_errors=True)
+        group.attrs.update(
+            {
+                "eyehub": {
+                    "dataset_format": FORMAT_VERSION,
+                    "deidentified": True,
+                    "content": "one OME-Zarr 0.5 image per scan, named by scan_id",
+                },
+            }
+        )
+    clean_staging(dataset)
     return root
+
+
+STALE_STAGING_SECONDS = 3600
+
+
+def clean_staging(dataset: Path, max_age_s: float = STALE_STAGING_SECONDS) -> None:
+    """Drop staging debris of interrupted runs; never touch a write that may be live.
+
+    Every writer removes its own staging directory, so what remains belongs to a killed
+    run. A worker of that run can outlive its driver for a while, so only entries older
+    than `max_age_s` are removed (they are invisible to readers in any case).
+    """
+    staging = dataset / STAGING
+    if not staging.is_dir():
+        return
+    now = time.time()
+    for entry in staging.iterdir():
+        try:
+            if now - entry.stat().st_mtime > max_age_s:
+                shutil.rmtree(entry, ignore_errors=True)
+        except FileNotFoundError:
+            continue
+    with contextlib.suppress(OSError):
+        staging.rmdir()  # only when empty
 
 
 def scan_path(dataset: Path, scan_id: str) -> Path:
@@ -80,13 +110,18 @@ def _downsample(pixels: np.ndarray) -> np.ndarray:
     """Halve y and x by 2x2 mean (the last two axes); channel and B-scan axes kept."""
     h, w = pixels.shape[-2] // 2 * 2, pixels.shape[-1] // 2 * 2
     view = pixels[..., :h, :w].astype(np.float32)
-    out = (view[..., 0::2, 0::2] + view[..., 1::2, 0::2] + view[..., 0::2, 1::2]
-           + view[..., 1::2, 1::2]) / 4.0
+    out = (
+        view[..., 0::2, 0::2]
+        + view[..., 1::2, 0::2]
+        + view[..., 0::2, 1::2]
+        + view[..., 1::2, 1::2]
+    ) / 4.0
     return np.rint(out).astype(pixels.dtype)
 
 
-def ome_multiscales(name: str, axes: tuple[str, ...], spacing: tuple[float, ...] | None,
-                    levels: int) -> dict[str, Any]:
+def ome_multiscales(
+    name: str, axes: tuple[str, ...], spacing: tuple[float, ...] | None, levels: int
+) -> dict[str, Any]:
     """OME-Zarr 0.5 `multiscales` metadata: axes with units, one scale per level."""
     spatial = [a for a in axes if a != "c"]
     unit = spacing is not None
@@ -107,15 +142,23 @@ def ome_multiscales(name: str, axes: tuple[str, ...], spacing: tuple[float, ...]
                 scale.append(base[a] * 2**level)
             else:
                 scale.append(base[a])
-        datasets.append({
-            "path": str(level),
-            "coordinateTransformations": [{"type": "scale", "scale": scale}],
-        })
+        datasets.append(
+            {
+                "path": str(level),
+                "coordinateTransformations": [{"type": "scale", "scale": scale}],
+            }
+        )
     return {"name": name, "axes": axis_meta, "datasets": datasets}
 
 
-def write_scan(dataset: Path, scan_id: str, pixels: np.ndarray, axes: tuple[str, ...],
-               spacing: tuple[float, ...] | None, eyehub_attrs: dict[str, Any]) -> bool:
+def write_scan(
+    dataset: Path,
+    scan_id: str,
+    pixels: np.ndarray,
+    axes: tuple[str, ...],
+    spacing: tuple[float, ...] | None,
+    eyehub_attrs: dict[str, Any],
+) -> bool:
     """Write one scan atomically; returns False when a scan with this id already exists."""
     final = scan_path(dataset, scan_id)
     if final.exists():
@@ -123,25 +166,35 @@ def write_scan(dataset: Path, scan_id: str, pixels: np.ndarray, axes: tuple[str,
     staging = dataset / STAGING / f"{scan_id}.{uuid.uuid4().hex}"
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
-        group = zarr.open_group(staging, mode="w", zarr_format=3)
+        group = zarr.open_group(staging, mode="w-", zarr_format=3)
+        inode = staging.stat().st_ino  # the directory zarr created for this write
         # training reads a whole photograph or one B-scan at a time
-        if axes[0] == "z":
-            chunks = (1, *pixels.shape[1:])
-        else:
-            chunks = pixels.shape
+        chunks = (1, *pixels.shape[1:]) if axes[0] == "z" else pixels.shape
         levels = [pixels, _downsample(pixels)]
         for i, level in enumerate(levels):
             arr = group.create_array(
-                str(i), shape=level.shape, dtype=level.dtype,
+                str(i),
+                shape=level.shape,
+                dtype=level.dtype,
                 chunks=tuple(min(c, s) for c, s in zip(chunks, level.shape, strict=True)),
-                compressors=[_codec()], dimension_names=list(axes), fill_value=0,
+                compressors=[_codec()],
+                dimension_names=list(axes),
+                fill_value=0,
             )
             arr[...] = level
-        group.attrs.update({
-            "ome": {"version": "0.5",
-                    "multiscales": [ome_multiscales(scan_id, axes, spacing, len(levels))]},
-            "eyehub": eyehub_attrs,
-        })
+        group.attrs.update(
+            {
+                "ome": {
+                    "version": "0.5",
+                    "multiscales": [ome_multiscales(scan_id, axes, spacing, len(levels))],
+                },
+                "eyehub": eyehub_attrs,
+            }
+        )
+        if not _staging_intact(staging, inode, len(levels)):
+            raise DatasetError(
+                f"staging of scan {scan_id} was disturbed while written; run the ingest again"
+            )
         try:
             os.rename(staging, final)
         except OSError:
@@ -153,7 +206,17 @@ def write_scan(dataset: Path, scan_id: str, pixels: np.ndarray, axes: tuple[str,
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _staging_intact(staging: Path, inode: int, levels: int) -> bool:
+    """The directory we created, with every metadata document: safe to make visible."""
+    try:
+        if staging.stat().st_ino != inode:
+            return False
+    except FileNotFoundError:
+        return False
+    docs = [staging / "zarr.json", *(staging / str(i) / "zarr.json" for i in range(levels))]
+    return all(d.is_file() for d in docs)
+
+
 def read_pixels(dataset: Path, scan_id: str, level: int = 0) -> np.ndarray:
-    group = zarr.open_group(scan_path(dataset, scan_id), mode="r")
-    arr = group[str(level)]
+    arr = zarr.open_array(scan_path(dataset, scan_id) / str(level), mode="r")
     return np.asarray(arr[...])

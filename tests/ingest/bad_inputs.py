@@ -19,11 +19,18 @@ PYDICOM_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 
 def study(seed: int = 99) -> StudyInfo:
     return StudyInfo(
-        patient_name="QUARANTINE^TEST", patient_id=f"MRNBAD{seed}", other_patient_id="X1",
-        birth_date=dt.date(1950, 1, 1), sex="F", address="1 Test Lane",
-        institution="Test Eye Clinic", referring_physician="DOC^TEST",
-        accession=f"ACCBAD{seed}", study_uid=uid_for(seed, "study"),
-        study_date=dt.date(2021, 5, 6), study_time="101000",
+        patient_name="QUARANTINE^TEST",
+        patient_id=f"MRNBAD{seed}",
+        other_patient_id="X1",
+        birth_date=dt.date(1950, 1, 1),
+        sex="F",
+        address="1 Test Lane",
+        institution="Test Eye Clinic",
+        referring_physician="DOC^TEST",
+        accession=f"ACCBAD{seed}",
+        study_uid=uid_for(seed, "study"),
+        study_date=dt.date(2021, 5, 6),
+        study_time="101000",
         device=Device("SYNTHOPTIX", "RetinaCam 3D", "SN1", "1.0", "ST1"),
     )
 
@@ -39,8 +46,15 @@ def fundus_image(h: int = 64, w: int = 80) -> np.ndarray:
 def good_fundus(path: Path, ts: str = ExplicitVRLittleEndian, n: int = 0) -> pydicom.Dataset:
     """An OP fundus written by the synth builder: the baseline the others break."""
     ds = dicom_io.build_fundus_op(
-        study(), fundus_image(), "R", ts, uid_for(99, "op", n), uid_for(99, "series", n),
-        dt.datetime(2021, 5, 6, 10, 10), 0.05, 45.0,
+        study(),
+        fundus_image(),
+        "R",
+        ts,
+        uid_for(99, "op", n),
+        uid_for(99, "series", n),
+        dt.datetime(2021, 5, 6, 10, 10),
+        0.05,
+        45.0,
     )
     dicom_io.write(ds, path)
     return ds
@@ -49,9 +63,18 @@ def good_fundus(path: Path, ts: str = ExplicitVRLittleEndian, n: int = 0) -> pyd
 def good_oct(path: Path, ts: str = ExplicitVRLittleEndian, n: int = 0) -> pydicom.Dataset:
     vol = np.random.default_rng(n).integers(0, 255, size=(6, 40, 36), dtype=np.uint8)
     ds = dicom_io.build_oct_opt(
-        study(), vol, "L", ts, uid_for(99, "oct", n), uid_for(99, "oseries", n),
-        uid_for(99, "for", n), dt.datetime(2021, 5, 6, 10, 10), OctSpacing(0.2, 0.01, 0.05),
-        None, 0.05, [5, 4, 3, 2, 1, 0],
+        study(),
+        vol,
+        "L",
+        ts,
+        uid_for(99, "oct", n),
+        uid_for(99, "oseries", n),
+        uid_for(99, "for", n),
+        dt.datetime(2021, 5, 6, 10, 10),
+        OctSpacing(0.2, 0.01, 0.05),
+        None,
+        0.05,
+        [5, 4, 3, 2, 1, 0],
     )
     dicom_io.write(ds, path)
     return ds
@@ -130,8 +153,15 @@ def make_all(folder: Path) -> dict[str, Path]:
     # declared decoded size over the limit: a large OP (checked with a small limit)
     p = folder / "big_fundus"
     ds = dicom_io.build_fundus_op(
-        study(), fundus_image(600, 800), "L", ExplicitVRLittleEndian, uid_for(99, "big"),
-        uid_for(99, "bigseries"), dt.datetime(2021, 5, 6), 0.01, 45.0,
+        study(),
+        fundus_image(600, 800),
+        "L",
+        ExplicitVRLittleEndian,
+        uid_for(99, "big"),
+        uid_for(99, "bigseries"),
+        dt.datetime(2021, 5, 6),
+        0.01,
+        45.0,
     )
     dicom_io.write(ds, p)
     out["too_large"] = p

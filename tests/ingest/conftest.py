@@ -27,7 +27,10 @@ def ingested(
     """The small cohort ingested once (local Ray, 2 workers), with its labels."""
     dataset = tmp_path_factory.mktemp("dataset") / "ds"
     summary = run_ingest(
-        [small_cohort / "dicom"], dataset, hub_key, small_cohort / "labels.csv",
+        [small_cohort / "dicom"],
+        dataset,
+        hub_key,
+        small_cohort / "labels.csv",
         IngestSettings(workers=2),
     )
     return dataset, summary

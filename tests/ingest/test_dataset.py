@@ -18,11 +18,34 @@ from ingest import HubKey, read_pixels
 from ingest.run import IngestSummary
 
 CONTRACT_COLUMNS = {
-    "scan_id", "patient_id", "eye", "modality", "sop_class_uid", "shape", "spacing_mm",
-    "manufacturer", "model", "acquisition_date", "source_sha256",
+    "scan_id",
+    "patient_id",
+    "eye",
+    "modality",
+    "sop_class_uid",
+    "shape",
+    "spacing_mm",
+    "manufacturer",
+    "model",
+    "acquisition_date",
+    "source_sha256",
 }
-LABELS = ("dr_grade", "referable_dr", "amd", "glaucoma", "dme", "age", "sex", "diabetes",
-          "hypertension", "systolic_bp", "hba1c", "cvd_5y", "dementia", "null_control")
+LABELS = (
+    "dr_grade",
+    "referable_dr",
+    "amd",
+    "glaucoma",
+    "dme",
+    "age",
+    "sex",
+    "diabetes",
+    "hypertension",
+    "systolic_bp",
+    "hba1c",
+    "cvd_5y",
+    "dementia",
+    "null_control",
+)
 
 
 def _truth(cohort: Path) -> list[dict[str, str]]:
@@ -63,8 +86,9 @@ def test_scans_are_ome_zarr_0_5_images_standard_readers_open(
         if modality == "oct":
             assert group["0"].chunks == (1, *row["shape"][1:])  # one B-scan per chunk
         codecs = json.loads((dataset / "scans.zarr" / row.scan_id / "0" / "zarr.json").read_text())
-        assert any(c["name"] == "blosc" and c["configuration"]["cname"] == "zstd"
-                   for c in codecs["codecs"])
+        assert any(
+            c["name"] == "blosc" and c["configuration"]["cname"] == "zstd" for c in codecs["codecs"]
+        )
 
 
 def test_lossless_pixels_and_oct_geometry_survive_exactly(
@@ -75,8 +99,10 @@ def test_lossless_pixels_and_oct_geometry_survive_exactly(
         if r["kind"] != "oct":
             continue
         ds = pydicom.dcmread(small_cohort / r["path"])
-        positions = [int(f.FrameContentSequence[0].InStackPositionNumber)
-                     for f in ds.PerFrameFunctionalGroupsSequence]
+        positions = [
+            int(f.FrameContentSequence[0].InStackPositionNumber)
+            for f in ds.PerFrameFunctionalGroupsSequence
+        ]
         expected = ds.pixel_array[np.argsort(positions)]
         stored = read_pixels(dataset, hub_key.scan_id(ds.SOPInstanceUID))
         np.testing.assert_array_equal(stored, expected)
@@ -139,11 +165,16 @@ def test_oct_links_to_the_fundus_of_the_same_eye_and_visit_survive(
         fundus = catalog.loc[fundus_id]
         assert fundus.modality == "fundus"
         assert (fundus.patient_id, fundus.eye, fundus.study_uid) == (
-            row.patient_id, row.eye, row.study_uid)
+            row.patient_id,
+            row.eye,
+            row.study_uid,
+        )
         attrs = zarr.open_group(dataset / "scans.zarr" / row.name, mode="r").attrs["eyehub"]
         fundus_attrs = zarr.open_group(dataset / "scans.zarr" / fundus_id, mode="r").attrs
-        assert (attrs["dicom"]["ReferencedInstances"][0]["ReferencedSOPInstanceUID"]
-                == fundus_attrs["eyehub"]["dicom"]["SOPInstanceUID"])
+        assert (
+            attrs["dicom"]["ReferencedInstances"][0]["ReferencedSOPInstanceUID"]
+            == fundus_attrs["eyehub"]["dicom"]["SOPInstanceUID"]
+        )
 
 
 def test_attributes_record_the_deidentification(ingested: tuple[Path, IngestSummary]) -> None:

@@ -10,21 +10,32 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pydicom
 import pytest
 
+from ingest import HubKey
+
 
 def _planted(cohort: Path) -> set[str]:
+    """Identifiers searched for everywhere (real study dates are checked per patient)."""
     values: set[str] = set()
     for p in json.loads((cohort / "phi.json").read_text()):
-        for field in ("patient_name", "mrn", "other_patient_id", "birth_date", "address",
-                      "institution", "referring_physician", "device_serial", "station_name"):
+        for field in (
+            "patient_name",
+            "mrn",
+            "other_patient_id",
+            "birth_date",
+            "address",
+            "institution",
+            "referring_physician",
+            "device_serial",
+            "station_name",
+        ):
             values.add(p[field])
         values.update(p["accession_numbers"])
-        values.update(p["study_dates"])  # real dates: only shifted ones may leave
         values.update(p["patient_name"].split("^"))  # surname and given name apart
         values.add(p["birth_date"][:4] + "-" + p["birth_date"][4:6] + "-" + p["birth_date"][6:])
-        values.update(d[:4] + "-" + d[4:6] + "-" + d[6:] for d in p["study_dates"])
     with open(cohort / "truth.csv", newline="") as fh:
         for r in csv.DictReader(fh):
             ds = pydicom.dcmread(cohort / r["path"], stop_before_pixels=True)
@@ -36,10 +47,24 @@ def _planted(cohort: Path) -> set[str]:
 def cli_run(small_cohort: Path, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
     dataset = tmp_path_factory.mktemp("privacy") / "ds"
     out = subprocess.run(
-        [sys.executable, "-m", "eyehub.cli", "--verbose", "ingest", str(small_cohort / "dicom"),
-         "--out", str(dataset), "--labels", str(small_cohort / "labels.csv"),
-         "--key-file", str(key_file)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "eyehub.cli",
+            "--verbose",
+            "ingest",
+            str(small_cohort / "dicom"),
+            "--out",
+            str(dataset),
+            "--labels",
+            str(small_cohort / "labels.csv"),
+            "--key-file",
+            str(key_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
         env={**os.environ, "COLUMNS": "150"},
     )
     assert out.returncode == 0, out.stderr
@@ -59,6 +84,27 @@ def test_no_planted_identifier_in_any_byte_written_or_logged(small_cohort: Path,
         assert not hits, f"{path.relative_to(dataset)} holds {hits[:3]}"
     hits = [v for v in planted if v in log_text]
     assert not hits, f"the log holds {hits[:3]}"
+
+
+def test_no_scan_carries_its_patients_real_dates(
+    small_cohort: Path, cli_run, hub_key: HubKey
+) -> None:
+    # a shifted date may equal another patient's real date by chance; what must never
+    # appear is a patient's own real date next to their scans
+    dataset, _ = cli_run
+    phi = {p["patient_index"]: p for p in json.loads((small_cohort / "phi.json").read_text())}
+    catalog = pd.read_parquet(dataset / "catalog.parquet").set_index("scan_id")
+    with open(small_cohort / "truth.csv", newline="") as fh:
+        for r in csv.DictReader(fh):
+            real = phi[int(r["patient_index"])]["study_dates"]
+            ds = pydicom.dcmread(small_cohort / r["path"], stop_before_pixels=True)
+            scan_id = hub_key.scan_id(ds.SOPInstanceUID)
+            meta = (dataset / "scans.zarr" / scan_id / "zarr.json").read_text()
+            row = catalog.loc[scan_id]
+            for d in real:
+                iso = f"{d[:4]}-{d[4:6]}-{d[6:]}"
+                assert d not in meta and iso not in meta
+                assert iso not in (str(row.study_date), str(row.acquisition_date))
 
 
 def test_nothing_but_the_dataset_is_written(small_cohort: Path, cli_run) -> None:

@@ -22,16 +22,30 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory, key_file: Path):
     good_oct(src / "good" / "oct", n=51)
     dataset = tmp_path_factory.mktemp("bad_ds") / "ds"
     out = subprocess.run(
-        [sys.executable, "-m", "eyehub.cli", "ingest", str(src), "--out", str(dataset),
-         "--key-file", str(key_file), "--max-decoded-bytes", str(TOO_LARGE_LIMIT)],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            sys.executable,
+            "-m",
+            "eyehub.cli",
+            "ingest",
+            str(src),
+            "--out",
+            str(dataset),
+            "--key-file",
+            str(key_file),
+            "--max-decoded-bytes",
+            str(TOO_LARGE_LIMIT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
         env={**os.environ, "COLUMNS": "150", "NO_COLOR": "1"},
     )
     return bad, dataset, out
 
 
 def test_every_bad_input_is_quarantined_with_its_reason(bad_run) -> None:
-    bad, dataset, out = bad_run
+    bad, dataset, _ = bad_run
     q = pd.read_parquet(dataset / "quarantine.parquet")
     by_path = dict(zip(q.source_path, q.reason, strict=True))
     for reason, path in bad.items():
@@ -41,7 +55,7 @@ def test_every_bad_input_is_quarantined_with_its_reason(bad_run) -> None:
 
 
 def test_good_inputs_are_converted_despite_the_bad_ones(bad_run) -> None:
-    _, dataset, out = bad_run
+    _, dataset, _ = bad_run
     catalog = pd.read_parquet(dataset / "catalog.parquet")
     assert sorted(catalog.modality) == ["fundus", "oct"]
 
@@ -65,13 +79,33 @@ def test_details_quote_no_identifier(bad_run) -> None:
 
 def test_a_clean_run_exits_zero_and_usage_errors_exit_two(tmp_path: Path, key_file: Path) -> None:
     good_fundus(tmp_path / "src" / "a.dcm", n=60)
-    cmd = [sys.executable, "-m", "eyehub.cli", "ingest", str(tmp_path / "src"), "--out",
-           str(tmp_path / "ds"), "--key-file", str(key_file)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "eyehub.cli",
+        "ingest",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "ds"),
+        "--key-file",
+        str(key_file),
+    ]
     assert subprocess.run(cmd, capture_output=True, timeout=300, check=False).returncode == 0
-    missing = subprocess.run([*cmd[:4], str(tmp_path / "nope"), *cmd[5:]], capture_output=True,
-                             text=True, timeout=300, check=False)
+    missing = subprocess.run(
+        [*cmd[:4], str(tmp_path / "nope"), *cmd[5:]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert missing.returncode == 2 and "not found" in missing.stderr
-    nokey = subprocess.run(cmd[:-2], capture_output=True, text=True, timeout=300, check=False,
-                           env={k: v for k, v in os.environ.items() if k != "EYEHUB_KEY_FILE"})
+    nokey = subprocess.run(
+        cmd[:-2],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={k: v for k, v in os.environ.items() if k != "EYEHUB_KEY_FILE"},
+    )
     assert nokey.returncode == 2 and "keygen" in nokey.stderr
     assert "Traceback" not in missing.stderr + nokey.stderr

@@ -36,12 +36,14 @@ def _fundus() -> np.ndarray:
     return image
 
 
-@pytest.mark.parametrize("ts", [ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless,
-                                RLELossless])
+@pytest.mark.parametrize(
+    "ts", [ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLSLossless, RLELossless]
+)
 def test_lossless_fundus_syntaxes_round_trip_exactly(tmp_path: Path, ts: str) -> None:
     image = _fundus()
-    ds = dicom_io.build_fundus_op(study(), image, "R", ts, uid_for(1, ts), uid_for(2, ts),
-                                  dt.datetime(2021, 1, 1), 0.05, 45.0)
+    ds = dicom_io.build_fundus_op(
+        study(), image, "R", ts, uid_for(1, ts), uid_for(2, ts), dt.datetime(2021, 1, 1), 0.05, 45.0
+    )
     dicom_io.write(ds, tmp_path / "f")
     scan = read_scan(tmp_path / "f")
     assert scan.modality == "fundus" and scan.eye == "R"
@@ -53,8 +55,17 @@ def test_lossless_fundus_syntaxes_round_trip_exactly(tmp_path: Path, ts: str) ->
 
 def test_jpeg_baseline_ybr_is_converted_to_rgb(tmp_path: Path) -> None:
     image = _fundus()
-    ds = dicom_io.build_fundus_op(study(), image, "L", JPEGBaseline8Bit, uid_for(3), uid_for(4),
-                                  dt.datetime(2021, 1, 1), 0.05, 45.0)
+    ds = dicom_io.build_fundus_op(
+        study(),
+        image,
+        "L",
+        JPEGBaseline8Bit,
+        uid_for(3),
+        uid_for(4),
+        dt.datetime(2021, 1, 1),
+        0.05,
+        45.0,
+    )
     dicom_io.write(ds, tmp_path / "f")
     assert pydicom.dcmread(tmp_path / "f").PhotometricInterpretation == "YBR_FULL_422"
     scan = read_scan(tmp_path / "f")
@@ -67,9 +78,20 @@ def test_jpeg_baseline_ybr_is_converted_to_rgb(tmp_path: Path) -> None:
 def test_oct_frames_are_put_in_anatomical_order_with_spacing(tmp_path: Path, ts: str) -> None:
     volume = np.random.default_rng(0).integers(0, 255, size=(7, 40, 36), dtype=np.uint8)
     order = [3, 6, 0, 1, 5, 2, 4]
-    ds = dicom_io.build_oct_opt(study(), volume, "L", ts, uid_for(5, ts), uid_for(6),
-                                uid_for(7), dt.datetime(2021, 1, 1), OctSpacing(0.25, 0.004, 0.03),
-                                ("1.2.3", "1.2.3.4", (10, 10)), 0.05, order)
+    ds = dicom_io.build_oct_opt(
+        study(),
+        volume,
+        "L",
+        ts,
+        uid_for(5, ts),
+        uid_for(6),
+        uid_for(7),
+        dt.datetime(2021, 1, 1),
+        OctSpacing(0.25, 0.004, 0.03),
+        ("1.2.3", "1.2.3.4", (10, 10)),
+        0.05,
+        order,
+    )
     dicom_io.write(ds, tmp_path / "o")
     scan = read_scan(tmp_path / "o")
     assert scan.modality == "oct" and scan.eye == "L"
@@ -80,9 +102,20 @@ def test_oct_frames_are_put_in_anatomical_order_with_spacing(tmp_path: Path, ts:
 
 def test_oct_without_stack_positions_is_ordered_by_plane_position(tmp_path: Path) -> None:
     volume = np.random.default_rng(1).integers(0, 255, size=(5, 12, 10), dtype=np.uint8)
-    ds = dicom_io.build_oct_opt(study(), volume, "R", ExplicitVRLittleEndian, uid_for(8),
-                                uid_for(9), uid_for(10), dt.datetime(2021, 1, 1),
-                                OctSpacing(0.3, 0.004, 0.03), None, 0.05, [4, 2, 0, 1, 3])
+    ds = dicom_io.build_oct_opt(
+        study(),
+        volume,
+        "R",
+        ExplicitVRLittleEndian,
+        uid_for(8),
+        uid_for(9),
+        uid_for(10),
+        dt.datetime(2021, 1, 1),
+        OctSpacing(0.3, 0.004, 0.03),
+        None,
+        0.05,
+        [4, 2, 0, 1, 3],
+    )
     for item in ds.PerFrameFunctionalGroupsSequence:
         del item.FrameContentSequence[0].InStackPositionNumber
     del ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0].SliceThickness
@@ -95,8 +128,17 @@ def test_oct_without_stack_positions_is_ordered_by_plane_position(tmp_path: Path
 def test_sixteen_bit_photographs_stay_sixteen_bit(tmp_path: Path) -> None:
     # an OP 16 Bit Image made from an 8-bit one: samples scaled by 257, written native
     image = _fundus().astype(np.uint16) * 257
-    ds = dicom_io.build_fundus_op(study(), _fundus(), "R", ExplicitVRLittleEndian, uid_for(11),
-                                  uid_for(12), dt.datetime(2021, 1, 1), 0.05, 45.0)
+    ds = dicom_io.build_fundus_op(
+        study(),
+        _fundus(),
+        "R",
+        ExplicitVRLittleEndian,
+        uid_for(11),
+        uid_for(12),
+        dt.datetime(2021, 1, 1),
+        0.05,
+        45.0,
+    )
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.77.1.5.2"
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
     ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
@@ -126,11 +168,23 @@ def test_jpeg_lossless_process_14_decodes_exactly(tmp_path: Path) -> None:
     # an OP written native by synth, then compressed by dcmtk: dcmcjpeg --encode-lossless-sv1 (JPEG
     # Lossless, Non-Hierarchical, First-Order Prediction, 1.2.840.10008.1.2.4.70)
     image = _fundus()
-    ds = dicom_io.build_fundus_op(study(), image, "R", ExplicitVRLittleEndian, uid_for(13),
-                                  uid_for(14), dt.datetime(2021, 1, 1), 0.05, 45.0)
+    ds = dicom_io.build_fundus_op(
+        study(),
+        image,
+        "R",
+        ExplicitVRLittleEndian,
+        uid_for(13),
+        uid_for(14),
+        dt.datetime(2021, 1, 1),
+        0.05,
+        45.0,
+    )
     dicom_io.write(ds, tmp_path / "native")
-    subprocess.run(["dcmcjpeg", "--encode-lossless-sv1", str(tmp_path / "native"), str(tmp_path / "ll")],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["dcmcjpeg", "--encode-lossless-sv1", str(tmp_path / "native"), str(tmp_path / "ll")],
+        check=True,
+        capture_output=True,
+    )
     ts = pydicom.dcmread(tmp_path / "ll", stop_before_pixels=True).file_meta.TransferSyntaxUID
     assert ts == "1.2.840.10008.1.2.4.70"
     scan = read_scan(tmp_path / "ll")
