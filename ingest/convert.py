@@ -13,12 +13,21 @@ import resource
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from eyehub.errors import InputError
 from ingest.deid import deidentify
 from ingest.keys import HubKey
 from ingest.pixels import clear_outside_fov
-from ingest.reader import DirectoryRecord, classify, decode_scan, read_header
-from ingest.store import read_scan_attributes, scan_path, write_scan
+from ingest.reader import (
+    DirectoryRecord,
+    classify,
+    decode_fundus,
+    inspect_scan,
+    iter_oct_frames,
+    read_header,
+)
+from ingest.store import read_scan_attributes, scan_path, write_scan, write_scan_frames
 
 log = logging.getLogger(__name__)
 
@@ -42,32 +51,26 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
         stat = path.stat()
         result.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
         result["sha256"] = sha = file_sha256(path)
-        ds = read_header(path)
+        ds = read_header(path, defer_pixels=True)
         classify(ds)
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
         if sop_uid:
             existing = read_scan_attributes(scan_path(dataset, key.scan_id(sop_uid)))
             if existing is not None:
                 return _existing(result, existing, key.scan_id(sop_uid), sha)
-        scan = decode_scan(ds, max_decoded_bytes)
-        fov_fraction = None
-        cleaned = False
-        pixels = scan.pixels
-        if scan.modality == "fundus":
-            pixels, fov_fraction = clear_outside_fov(pixels)
-            cleaned = True
-        deid = deidentify(scan.header, key, scan.modality, scan.eye, scan.references, cleaned)
+        info = inspect_scan(ds, max_decoded_bytes)
+        fundus = info.modality == "fundus"
+        # de-identify first: a file that cannot be pseudonymised is not decoded at all
+        deid = deidentify(info.header, key, info.modality, info.eye, info.references, fundus)
         attrs = deid.attributes
-        row = {
+        row: dict[str, Any] = {
             "scan_id": deid.scan_id,
             "patient_id": deid.patient_id,
-            "eye": scan.eye,
-            "modality": scan.modality,
+            "eye": info.eye,
+            "modality": info.modality,
             "sop_class_uid": attrs.get("SOPClassUID"),
-            "shape": list(pixels.shape),
-            "axes": "".join(scan.axes),
-            "dtype": str(pixels.dtype),
-            "spacing_mm": list(scan.spacing_mm) if scan.spacing_mm else None,
+            "axes": "".join(info.axes),
+            "spacing_mm": list(info.spacing_mm) if info.spacing_mm else None,
             "manufacturer": attrs.get("Manufacturer"),
             "model": attrs.get("ManufacturerModelName"),
             "acquisition_date": deid.acquisition_date.isoformat()
@@ -77,22 +80,44 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
             "study_uid": attrs.get("StudyInstanceUID"),
             "transfer_syntax_uid": attrs.get("TransferSyntaxUID"),
             "lossy": attrs.get("LossyImageCompression") == "01",
-            "fov_fraction": fov_fraction,
+            "fov_fraction": None,
             "linked_scan_ids": deid.linked_scan_ids,
             "source_sha256": sha,
         }
-        written = write_scan(
-            dataset,
-            deid.scan_id,
-            pixels,
-            scan.axes,
-            scan.spacing_mm,
-            {"dicom": attrs, "catalog": row},
-        )
+        if fundus:
+            pixels, row["fov_fraction"] = clear_outside_fov(decode_fundus(info))
+            row.update(shape=list(pixels.shape), dtype=str(pixels.dtype))
+            decoded_bytes = pixels.nbytes
+            written = write_scan(
+                dataset,
+                deid.scan_id,
+                pixels,
+                info.axes,
+                info.spacing_mm,
+                {"dicom": attrs, "catalog": row},
+            )
+        else:
+            if info.order is None:  # inspect_scan orders every OCT; never expected here
+                raise InputError("inconsistent_geometry", "the OCT frames have no order.")
+            shape = (len(info.order), int(ds.Rows), int(ds.Columns))
+            dtype = np.dtype(np.uint16 if int(ds.BitsAllocated) > 8 else np.uint8)
+            row.update(shape=list(shape), dtype=str(dtype))
+            decoded_bytes = int(np.prod(shape)) * dtype.itemsize
+            written = write_scan_frames(
+                dataset,
+                deid.scan_id,
+                iter_oct_frames(path, info),
+                shape,
+                dtype,
+                info.order,
+                info.axes,
+                info.spacing_mm,
+                {"dicom": attrs, "catalog": row},
+            )
         if not written:
             existing = read_scan_attributes(scan_path(dataset, deid.scan_id)) or {}
             return _existing(result, existing, deid.scan_id, sha)
-        result.update(outcome="converted", scan_id=deid.scan_id, decoded_bytes=pixels.nbytes)
+        result.update(outcome="converted", scan_id=deid.scan_id, decoded_bytes=decoded_bytes)
     except DirectoryRecord:
         result.update(outcome="ignored")
     except InputError as exc:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import struct
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import pydicom
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import get_decoder
+from pydicom.pixels import get_decoder, iter_pixels
 from pydicom.uid import UID
 
 from eyehub.errors import InputError
@@ -86,12 +86,13 @@ def _fail(reason: str, detail: str) -> InputError:
     return InputError(reason, detail)
 
 
-def read_header(path: Path) -> Dataset:
-    """Parse a file completely (pixels included, not decoded); classify read failures."""
+def read_header(path: Path, defer_pixels: bool = False) -> Dataset:
+    """Parse a file (Pixel Data not decoded; with `defer_pixels`, not even loaded until
+    used, for frames streamed from the file); classify read failures."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # odd VRs in device exports are not our errors
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=2**20 if defer_pixels else None)
     except InvalidDicomError:
         raise _fail(
             "not_dicom",
@@ -244,7 +245,9 @@ def _check_pixels(ds: Dataset, max_decoded_bytes: int) -> None:
             "is not installed; install the pylibjpeg plugins (make install).",
         )
     if not ts.is_compressed:
-        have = len(ds.PixelData)
+        elem = ds.get_item("PixelData")
+        length = getattr(elem, "length", None)
+        have = length if length not in (None, UNDEFINED_LENGTH) else len(ds.PixelData)
         bits = int(ds.get("BitsAllocated", 8))
         need = size if bits >= 8 else math.ceil(size * bits / 8)
         if have < need:
@@ -394,13 +397,24 @@ def _references(ds: Dataset) -> list[tuple[str, str]]:
     return refs
 
 
-def read_scan(path: Path, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
-    """Read, check and decode one file (see the module docstring for the contract)."""
-    ds = read_header(path)
-    return decode_scan(ds, max_decoded_bytes)
+@dataclass
+class ScanInfo:
+    """What a checked file is, before any pixel is decoded."""
+
+    modality: str
+    eye: str
+    spacing_mm: tuple[float, ...] | None
+    order: np.ndarray | None  # OCT: stored frame index at each anatomical position
+    references: list[tuple[str, str]]
+    header: Dataset
+
+    @property
+    def axes(self) -> tuple[str, str, str]:
+        return ("c", "y", "x") if self.modality == "fundus" else ("z", "y", "x")
 
 
-def decode_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
+def inspect_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> ScanInfo:
+    """Every check that needs no decoding (the order of the quarantine reasons)."""
     modality = classify(ds)
     eye = laterality(ds)
     _check_pixels(ds, max_decoded_bytes)
@@ -414,23 +428,78 @@ def decode_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
                 "eyehub cannot locate and clear; export it without annotation.",
             )
         order, spacing = oct_geometry(ds)
+    else:
+        ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+        if ps is not None and len(ps) == 2 and float(ps[0]) > 0 and float(ps[1]) > 0:
+            spacing = (float(ps[0]), float(ps[1]))
+    return ScanInfo(modality, eye, spacing, order, _references(ds), ds)
+
+
+def read_scan(path: Path, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
+    """Read, check and decode one file (see the module docstring for the contract)."""
+    ds = read_header(path)
+    return decode_scan(ds, max_decoded_bytes)
+
+
+def decode_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
+    """Check and decode a parsed dataset; OCT frames in anatomical order."""
+    info = inspect_scan(ds, max_decoded_bytes)
     pixels = _decode(ds)
-    if modality == "oct":
+    if info.modality == "oct":
         if pixels.ndim == 2:
             pixels = pixels[None]
         if pixels.ndim != 3:
             raise _fail("inconsistent_geometry", "OCT frames are not single-channel images.")
-        assert order is not None
-        pixels = np.ascontiguousarray(pixels[order])
+        pixels = np.ascontiguousarray(pixels[info.order])
     else:
-        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-            pixels = pixels[0]  # a multi-frame export of a photograph: its first frame
-        if pixels.ndim == 2:
-            pixels = pixels[..., None]
-        pixels = np.ascontiguousarray(np.moveaxis(pixels, -1, 0))  # (c, y, x)
-        ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-        if ps is not None and len(ps) == 2 and float(ps[0]) > 0 and float(ps[1]) > 0:
-            spacing = (float(ps[0]), float(ps[1]))
-    refs = _references(ds)
+        pixels = fundus_planes(ds, pixels)
     del ds.PixelData
-    return DecodedScan(modality, pixels, spacing, eye, ds, refs)
+    return DecodedScan(info.modality, pixels, info.spacing_mm, info.eye, ds, info.references)
+
+
+def fundus_planes(ds: Dataset, pixels: np.ndarray) -> np.ndarray:
+    """A decoded photograph as (c, y, x); a multi-frame export gives its first frame."""
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        pixels = pixels[0]
+    if pixels.ndim == 2:
+        pixels = pixels[..., None]
+    return np.ascontiguousarray(np.moveaxis(pixels, -1, 0))
+
+
+def decode_fundus(info: ScanInfo) -> np.ndarray:
+    """The photograph of an inspected fundus file, as (c, y, x) RGB (or grey)."""
+    pixels = fundus_planes(info.header, _decode(info.header))
+    del info.header.PixelData
+    return pixels
+
+
+def iter_oct_frames(path: Path, info: ScanInfo) -> Iterator[np.ndarray]:
+    """Decode an inspected OCT one B-scan at a time, in stored order, reading each frame
+    from the file: the volume is never held in memory whole."""
+    ds = info.header
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = 0
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for frame in iter_pixels(path, as_rgb=False):
+                if frame.shape != (rows, cols):
+                    raise _fail(
+                        "inconsistent_geometry",
+                        "OCT frames are not single-channel images of Rows x Columns.",
+                    )
+                n += 1
+                yield frame
+    except InputError:
+        raise
+    except Exception as exc:
+        raise _fail(
+            "corrupt_pixel_data",
+            "the pixel data cannot be decoded "
+            f"({type(exc).__name__}); the compressed stream is damaged. Export the "
+            "image again.",
+        ) from None
+    if n != int(ds.get("NumberOfFrames", 1) or 1):
+        raise _fail(
+            "inconsistent_geometry", "the file holds fewer frames than NumberOfFrames says."
+        )

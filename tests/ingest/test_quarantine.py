@@ -109,3 +109,33 @@ def test_a_clean_run_exits_zero_and_usage_errors_exit_two(tmp_path: Path, key_fi
     )
     assert nokey.returncode == 2 and "keygen" in nokey.stderr
     assert "Traceback" not in missing.stderr + nokey.stderr
+
+
+def test_a_labels_file_without_its_key_columns_is_a_usage_error(
+    tmp_path: Path, key_file: Path
+) -> None:
+    good_fundus(tmp_path / "src" / "a.dcm", n=61)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("patient,eye,dr_grade\nX,R,1\n")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eyehub.cli",
+            "ingest",
+            str(tmp_path / "src"),
+            "--out",
+            str(tmp_path / "ds"),
+            "--key-file",
+            str(key_file),
+            "--labels",
+            str(labels),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert out.returncode == 2
+    assert "mrn" in out.stderr and "study_date" in out.stderr
+    assert "Traceback" not in out.stderr

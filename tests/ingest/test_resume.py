@@ -27,11 +27,7 @@ def _dataset_state(dataset: Path) -> tuple[pd.DataFrame, dict[str, tuple]]:
     for scan_dir in sorted((dataset / "scans.zarr").iterdir()):
         if scan_dir.is_dir():
             group = zarr.open_group(scan_dir, mode="r")
-            scans[scan_dir.name] = (
-                group.attrs.asdict(),
-                np.asarray(group["0"][...]).tobytes(),
-                np.asarray(group["1"][...]).tobytes(),
-            )
+            scans[scan_dir.name] = (group.attrs.asdict(), np.asarray(group["0"][...]).tobytes())
     return catalog, scans
 
 
