@@ -99,6 +99,8 @@ def _measure(
     ray.shutdown()
     out["converted"] = summary.converted
     out["peak_rss"] = summary.peak_worker_rss_bytes
+    out["file_growth"] = summary.peak_file_memory_bytes
+    out["file_growth_decoded"] = summary.peak_file_memory_decoded_bytes
 
     dcm2niix = shutil.which("dcm2niix")
     if dcm2niix:
@@ -134,11 +136,11 @@ def _report(name: str, m: dict[str, float], workers: int) -> None:
             f"({int(m['niix_files'])} NIfTI written) -> eyehub "
             f"{m['niix_s'] / m['ingest_s']:.2f}x its speed (target > 1x)"
         )
-    work_mb = (m["peak_rss"] - m["idle_rss"]) / 1e6
     print(
-        f"  memory: peak worker RSS {m['peak_rss'] / 1e6:.0f} MB = idle worker "
-        f"{m['idle_rss'] / 1e6:.0f} MB (Python, Ray, libraries) + {work_mb:.0f} MB for the "
-        f"work = {work_mb * 1e6 / m['largest']:.2f}x the largest decoded scan "
+        f"  memory: peak worker RSS {m['peak_rss'] / 1e6:.0f} MB; an idle worker (Python, "
+        f"Ray, libraries) {m['idle_rss'] / 1e6:.0f} MB; the most one file raised its worker's "
+        f"RSS: {m['file_growth'] / 1e6:.0f} MB (for a {m['file_growth_decoded'] / 1e6:.0f} MB "
+        f"scan) = {m['file_growth'] / m['largest']:.2f}x the largest decoded scan "
         f"({m['largest'] / 1e6:.0f} MB; target < 2x)"
     )
 

@@ -44,9 +44,40 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> int | None:
+    """Reset this process's RSS high-water mark (Linux); returns the RSS now, in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as fh:
+            fh.write("5")
+    except OSError:
+        return None
+    rss = _status_kib("VmRSS")
+    return None if rss is None else rss * 1024
+
+
+def _growth_since(rss_before: int | None) -> int | None:
+    """How far this process's RSS rose above `rss_before` since the last reset, in bytes."""
+    hwm = _status_kib("VmHWM")
+    if rss_before is None or hwm is None:
+        return None
+    return max(0, hwm * 1024 - rss_before)
+
+
 def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int) -> dict[str, Any]:
     """Convert `path`; returns {'outcome': converted|present|quarantined|ignored, ...}."""
     result: dict[str, Any] = {"path": str(path), "outcome": "quarantined", "sha256": None}
+    rss_before = _reset_peak()
     try:
         stat = path.stat()
         result.update(size=stat.st_size, mtime_ns=stat.st_mtime_ns)
@@ -138,6 +169,7 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
         )
     finally:
         result["peak_rss_bytes"] = _peak_rss_bytes()
+        result["memory_growth_bytes"] = _growth_since(rss_before)
     return result
 
 

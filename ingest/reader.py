@@ -22,6 +22,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder, iter_pixels
+from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from eyehub.errors import InputError
@@ -42,6 +43,7 @@ EXPORT_CLASSES = {
 # modalities under which PACS re-export colour fundus photographs
 EXPORT_MODALITIES = {"OP", "XC", "OT", "SC"}
 UNDEFINED_LENGTH = 0xFFFFFFFF
+PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: not an image, ignored
 
 REASONS = {
@@ -245,8 +247,10 @@ def _check_pixels(ds: Dataset, max_decoded_bytes: int) -> None:
             "is not installed; install the pylibjpeg plugins (make install).",
         )
     if not ts.is_compressed:
-        elem = ds.get_item("PixelData")
-        length = getattr(elem, "length", None)
+        # the raw element's declared length: reading it must not load deferred pixel data
+        # (Dataset.get_item does, in pydicom 3)
+        raw = ds._dict.get(PIXEL_DATA_TAG)
+        length = getattr(raw, "length", None)
         have = length if length not in (None, UNDEFINED_LENGTH) else len(ds.PixelData)
         bits = int(ds.get("BitsAllocated", 8))
         need = size if bits >= 8 else math.ceil(size * bits / 8)

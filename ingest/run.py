@@ -59,6 +59,9 @@ class IngestSummary:
     seconds: float = 0.0
     decoded_bytes: int = 0
     peak_worker_rss_bytes: int = 0
+    # the most one file raised its worker's memory above what the worker held before it
+    peak_file_memory_bytes: int = 0
+    peak_file_memory_decoded_bytes: int = 0  # the decoded size of that file
     largest_decoded_bytes: int = 0
     catalog_rows: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray nodes that converted files
@@ -309,6 +312,10 @@ def _account(
         record_quarantine(dataset, path, res["reason"], res["detail"], res.get("sha256"))
         log.warning("quarantined %s: %s", path, res["reason"])
     summary.peak_worker_rss_bytes = max(summary.peak_worker_rss_bytes, res.get("peak_rss_bytes", 0))
+    growth = res.get("memory_growth_bytes") or 0
+    if growth > summary.peak_file_memory_bytes:
+        summary.peak_file_memory_bytes = growth
+        summary.peak_file_memory_decoded_bytes = res.get("decoded_bytes", 0)
     if "size" in res:
         index[path] = {
             "size": res["size"],

@@ -238,11 +238,31 @@ def write_scan_frames(
     staged = _Staged(dataset, scan_id)
     try:
         array = staged.create(shape, dtype, axes)
+        pending: dict[int, np.ndarray] = {}
         for stored, frame in enumerate(frames):
-            array[int(position[stored])] = frame
+            pending[int(position[stored])] = frame
+            if len(pending) >= _FRAMES_PER_WRITE:
+                _flush_runs(array, pending)
+        _flush_runs(array, pending)
         return staged.commit(axes, spacing, eyehub_attrs)
     finally:
         staged.discard()
+
+
+_FRAMES_PER_WRITE = 16  # frames buffered before a write (about 7 MB of realistic OCT)
+
+
+def _flush_runs(array: Any, pending: dict[int, np.ndarray]) -> None:
+    """Write buffered frames, one zarr call per run of consecutive positions (frames in
+    order, or reversed, make one run; each zarr call has a fixed cost)."""
+    positions = sorted(pending)
+    start = 0
+    for i in range(1, len(positions) + 1):
+        if i == len(positions) or positions[i] != positions[i - 1] + 1:
+            run = positions[start:i]
+            array[run[0] : run[-1] + 1] = np.stack([pending[p] for p in run])
+            start = i
+    pending.clear()
 
 
 def _staging_intact(staging: Path, inode: int, levels: int) -> bool:
