@@ -41,6 +41,8 @@ demo: install
 	$(VENV)/bin/eyehub demo
 
 test: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest
 
 lint: install

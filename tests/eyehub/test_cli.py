@@ -25,7 +25,7 @@ def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]
     )
 
 
-@pytest.mark.parametrize("verb", ["synth", "demo"])
+@pytest.mark.parametrize("verb", ["synth", "keygen", "ingest", "demo"])
 def test_every_verb_has_help(verb: str) -> None:
     out = run(verb, "--help")
     assert out.returncode == 0

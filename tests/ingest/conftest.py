@@ -10,9 +10,17 @@ from ingest import HubKey, generate_key_file, load_key, run_ingest
 from ingest.run import IngestSettings, IngestSummary
 
 
+# A fixed test secret: pseudonyms (and so every output) are the same on every run, so a
+# test that passes once passes always. keygen's own randomness is tested in test_keys.py.
+TEST_SECRET_HEX = "6579656875622d746573742d6b65792d2d6e6f742d666f722d7265616c2d757365"
+
+
 @pytest.fixture(scope="session")
 def key_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return generate_key_file(tmp_path_factory.mktemp("key") / "hub.key")
+    path = tmp_path_factory.mktemp("key") / "hub.key"
+    generate_key_file(path)  # the real writer (mode 0600), then the fixed secret
+    path.write_text(f"eyehub-key-v1\n{TEST_SECRET_HEX}\n", encoding="ascii")
+    return path
 
 
 @pytest.fixture(scope="session")
