@@ -9,7 +9,6 @@ import pytest
 from ingest import HubKey, generate_key_file, load_key, run_ingest
 from ingest.run import IngestSettings, IngestSummary
 
-
 # A fixed test secret: pseudonyms (and so every output) are the same on every run, so a
 # test that passes once passes always. keygen's own randomness is tested in test_keys.py.
 TEST_SECRET_HEX = "6579656875622d746573742d6b65792d2d6e6f742d666f722d7265616c2d757365"
