@@ -19,7 +19,7 @@ class FundusRecipe(Settings):
     size: int = Field(default=512, ge=32, le=4096, description="output side, pixels")
     normalise: Literal["none", "graham"] = "graham"
     graham_sigma: float = Field(
-        1 / 30, gt=0, description="Gaussian sigma of the local mean, as a share of `size`"
+        default=1 / 30, gt=0, description="Gaussian sigma of the local mean, as a share of size"
     )
     mask: bool = True
     # gradable when every threshold holds (quality on the prepared image, in 0-1 units)
