@@ -186,6 +186,51 @@ def ingest(
 
 
 @app.command()
+def preprocess(
+    dataset: Annotated[Path, typer.Argument(help="A dataset directory written by ingest.")],
+    recipe: Annotated[Path, typer.Option(help="Recipe YAML (configs/preprocess/*.yaml).")] = Path(
+        "configs/preprocess/default.yaml"
+    ),
+    device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
+    workers: Annotated[int, typer.Option(help="Ray Data actors (one GPU each on CUDA).")] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a recipe key: fundus.size=384")
+    ] = None,
+) -> None:
+    """Prepare training-ready tensors: prepared/<recipe_id>.zarr and .parquet."""
+    from eyehub.settings import load_settings
+    from preprocess import Recipe, run_preprocess
+
+    env = Environment.from_environ()
+    settings = load_settings(Recipe, recipe, set_ or [])
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task("preprocess", total=None, rate="")
+
+        def advance(done: int, total: int) -> None:
+            elapsed = time.perf_counter() - start
+            bar.update(
+                task, completed=done, total=total, rate=f"{done / max(elapsed, 1e-9):.1f} scans/s"
+            )
+
+        summary = run_preprocess(
+            dataset, settings, device, workers, ray_address or env.ray_address, on_progress=advance
+        )
+    console.print(
+        f"recipe {summary.recipe_id} ({settings.name}) on {summary.device}: {summary.scans} scans, "
+        f"{summary.prepared} prepared, {summary.already_done} already done, "
+        f"{sum(summary.ungradable.values())} ungradable in {summary.seconds:.1f} s"
+    )
+    for reason, count in sorted(summary.ungradable.items()):
+        console.print(f"  ungradable {count:>5}  {reason}")
+    console.print(f"  tensors: {summary.zarr_path}")
+    console.print(f"  index:   {summary.parquet_path}")
+
+
+@app.command()
 def demo(
     home: Annotated[
         Path | None,
@@ -199,9 +244,9 @@ def demo(
     cohort = root / "cohort"
     dataset = root / "dataset"
     key_path = root / "hub.key"
-    console.rule("[bold]1/2 synth: a synthetic hospital export")
+    console.rule("[bold]1/3 synth: a synthetic hospital export")
     synth(cohort, patients=patients, seed=7, size="small", workers=None)
-    console.rule("[bold]2/2 ingest: de-identify into an OME-Zarr dataset")
+    console.rule("[bold]2/3 ingest: de-identify into an OME-Zarr dataset")
     if not key_path.exists():
         from ingest import generate_key_file
 
@@ -215,10 +260,18 @@ def demo(
     except typer.Exit as exc:
         if exc.exit_code not in (0, EXIT_QUARANTINED):
             raise
+    console.rule("[bold]3/3 preprocess: training-ready tensors (recipe 'small')")
+    preprocess(dataset, _package_config("preprocess/small.yaml"), "auto", 2, None, None)
     console.rule("[bold]done")
     console.print(f"demo outputs are under {root.resolve()}")
     console.print(f"  synthetic DICOM export: {(cohort / 'dicom').resolve()}")
     console.print(f"  de-identified dataset:  {dataset.resolve()} (scans.zarr, catalog.parquet)")
+    console.print(f"  prepared tensors:       {(dataset / 'prepared').resolve()}")
+
+
+def _package_config(name: str) -> Path:
+    """A config shipped in the repository's configs/ (the demo's embedded defaults)."""
+    return Path(__file__).resolve().parent.parent / "configs" / name
 
 
 def main() -> None:

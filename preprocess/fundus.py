@@ -51,7 +51,7 @@ def detect_fov(images: torch.Tensor) -> FieldOfView:
     """
     b, _, h, w = images.shape
     f = max(1, round(max(h, w) / _WORK))
-    bright = images.float().amax(dim=1, keepdim=True)
+    bright = images.amax(dim=1, keepdim=True).float()  # max in the source dtype: 1/3 the copy
     small = F.avg_pool2d(bright, f, f, ceil_mode=True) if f > 1 else bright
     small = F.avg_pool2d(small, 3, 1, 1, count_include_pad=False)[:, 0]
     hs, ws = small.shape[-2:]
@@ -146,17 +146,29 @@ def circle_mask(size: int, device: torch.device, margin: float = 0.0) -> torch.T
     return (c[None, :] ** 2 + c[:, None] ** 2) <= (size / 2 - margin) ** 2
 
 
+def smooth(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur (MONAI's GaussianFilter). A wide blur keeps nothing finer than sigma,
+    so it runs on a grid coarsened by up to sigma / 4 and is upsampled back: the same
+    result within a grey level, at a fraction of the cost."""
+    size = images.shape[-2:]
+    k = max(1, int(sigma // 4))
+    x = F.avg_pool2d(images, k, k, ceil_mode=True) if k > 1 else images
+    x = GaussianFilter(2, sigma=sigma / k).to(images.device)(x)
+    if k > 1:
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    return x
+
+
 def graham(images: torch.Tensor, sigma: float, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Local-mean subtraction (B. Graham, Kaggle DR 2015): 4 (x - blur(x)) + 128.
 
     With a mask, the local mean is taken over the retina only (blur(x m) / blur(m)), so the
     black surround does not leave a bright rim at the FOV edge."""
-    smooth = GaussianFilter(2, sigma=sigma).to(images.device)
     if mask is None:
-        blur = smooth(images)
+        blur = smooth(images, sigma)
     else:
-        m = mask.float().expand(images.shape[0], 1, -1, -1)
-        blur = smooth(images * m) / smooth(m).clamp(min=1e-3)
+        m = mask.float()
+        blur = smooth(images * m, sigma) / smooth(m, sigma).clamp(min=1e-3)  # mask once
     return 4.0 * (images - blur) + 128.0
 
 
@@ -183,9 +195,7 @@ def quality(
     lap_mean = (lap * inside).sum(dim=(1, 2, 3)) / n
     sharp = ((lap - lap_mean[:, None, None, None]) ** 2 * inside).sum(dim=(1, 2, 3)) / n
     illum = (grey * inside).sum(dim=(1, 2, 3)) / n
-    low = GaussianFilter(2, sigma=size / 16).to(cropped.device)(grey * inside)
-    norm = GaussianFilter(2, sigma=size / 16).to(cropped.device)(inside).clamp(min=1e-3)
-    low = low / norm
+    low = smooth(grey * inside, size / 16) / smooth(inside, size / 16).clamp(min=1e-3)
     low_mean = (low * inside).sum(dim=(1, 2, 3)) / n
     low_std = torch.sqrt(
         ((low - low_mean[:, None, None, None]) ** 2 * inside).sum(dim=(1, 2, 3)) / n
