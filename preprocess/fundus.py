@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
@@ -172,6 +174,20 @@ def graham(images: torch.Tensor, sigma: float, mask: torch.Tensor | None = None)
     return 4.0 * (images - blur) + 128.0
 
 
+def clahe(images: torch.Tensor, clip: float, tiles: int) -> torch.Tensor:
+    """Contrast-limited adaptive histogram equalisation of the LAB lightness channel.
+
+    OpenCV's CLAHE has no torch equivalent, so this step runs on the CPU whatever the
+    device (the only one that does); the result returns to the images' device."""
+    out = []
+    equaliser = cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles))
+    for image in images.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy():
+        lab = cv2.cvtColor(image, cv2.COLOR_RGB2LAB)
+        lab[..., 0] = equaliser.apply(lab[..., 0])
+        out.append(cv2.cvtColor(lab, cv2.COLOR_LAB2RGB))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float().to(images.device)
+
+
 @dataclass
 class FundusQuality:
     sharpness: torch.Tensor  # variance of the Laplacian inside the FOV (0-1 grey units)
@@ -245,6 +261,8 @@ def prepare_fundus(images: torch.Tensor, recipe: FundusRecipe) -> PreparedFundus
     retina = circle_mask(recipe.size, out.device, margin=1.0)[None, None]
     if recipe.normalise == "graham":
         out = graham(out, recipe.graham_sigma * recipe.size, retina)
+    elif recipe.normalise == "clahe":
+        out = clahe(out, recipe.clahe_clip, recipe.clahe_tiles)
     if recipe.mask:
         out = out * retina.float()
     out = out * fov.found.float()[:, None, None, None]  # no FOV: an all-black image

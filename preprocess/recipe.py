@@ -17,10 +17,12 @@ from eyehub.settings import Settings
 
 class FundusRecipe(Settings):
     size: int = Field(default=512, ge=32, le=4096, description="output side, pixels")
-    normalise: Literal["none", "graham"] = "graham"
+    normalise: Literal["none", "graham", "clahe"] = "graham"
     graham_sigma: float = Field(
         default=1 / 30, gt=0, description="Gaussian sigma of the local mean, as a share of size"
     )
+    clahe_clip: float = Field(default=2.0, gt=0, description="CLAHE clip limit")
+    clahe_tiles: int = Field(default=8, ge=1, description="CLAHE tiles per side")
     mask: bool = True
     # gradable when every threshold holds (quality on the prepared image, in 0-1 units)
     min_sharpness: float = 2e-4

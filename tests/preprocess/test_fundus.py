@@ -126,3 +126,25 @@ def test_graham_normalisation_has_no_bright_rim() -> None:
     rim = out[(r > 110) & (r < 125)].mean()
     centre = out[r < 80].mean()
     assert abs(float(rim) - 128) < 25 and abs(float(centre) - 128) < 25
+
+
+def test_clahe_raises_local_contrast_inside_the_fov() -> None:
+    p = make_patient(2, 4, 2)
+    ev = p.visits[0][1][0]
+    image, _ = render_fundus(
+        ev.signs,
+        "R",
+        p.identity_seed,
+        p.pigmentation,
+        288,
+        288,
+        0.46,
+        np.random.default_rng(0),
+        illumination=0.6,
+    )
+    batch = torch.from_numpy(image).permute(2, 0, 1)[None]
+    plain = prepare_fundus(batch, FundusRecipe(size=256, normalise="none")).images[0].float()
+    eq = prepare_fundus(batch, FundusRecipe(size=256, normalise="clahe")).images[0].float()
+    inside = circle_mask(256, plain.device, margin=20)
+    assert eq.mean(dim=0)[inside].std() > 1.2 * plain.mean(dim=0)[inside].std()
+    assert int(eq[:, ~circle_mask(256, plain.device)].max()) == 0  # still masked
