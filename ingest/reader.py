@@ -84,6 +84,14 @@ class DecodedScan:
         return ("c", "y", "x") if self.modality == "fundus" else ("z", "y", "x")
 
 
+def _corrupt(exc: Exception) -> InputError:
+    return _fail(
+        "corrupt_pixel_data",
+        f"the pixel data cannot be decoded ({type(exc).__name__})"
+        "; the compressed stream is damaged. Export the image again.",
+    )
+
+
 def _fail(reason: str, detail: str) -> InputError:
     return InputError(reason, detail)
 
@@ -278,12 +286,7 @@ def _decode(ds: Dataset) -> np.ndarray:
             ds.pixel_array_options(as_rgb=False)
             pixels = ds.pixel_array
     except Exception as exc:
-        raise _fail(
-            "corrupt_pixel_data",
-            "the pixel data cannot be decoded "
-            f"({type(exc).__name__}); the compressed stream is damaged. Export the "
-            "image again.",
-        ) from None
+        raise _corrupt(exc) from None
     if photometric in ("YBR_FULL", "YBR_FULL_422") and pixels.shape[-1] == 3:
         pixels = _ybr_to_rgb(pixels)
     return pixels
@@ -497,12 +500,7 @@ def iter_oct_frames(path: Path, info: ScanInfo) -> Iterator[np.ndarray]:
     except InputError:
         raise
     except Exception as exc:
-        raise _fail(
-            "corrupt_pixel_data",
-            "the pixel data cannot be decoded "
-            f"({type(exc).__name__}); the compressed stream is damaged. Export the "
-            "image again.",
-        ) from None
+        raise _corrupt(exc) from None
     if n != int(ds.get("NumberOfFrames", 1) or 1):
         raise _fail(
             "inconsistent_geometry", "the file holds fewer frames than NumberOfFrames says."

@@ -14,6 +14,7 @@ from ome_zarr.io import parse_url
 from ome_zarr.reader import Reader
 from ome_zarr_models.v05.image import Image
 
+from eyehub.synth import LABEL_COLUMNS
 from ingest import HubKey, read_pixels
 from ingest.run import IngestSummary
 
@@ -30,22 +31,7 @@ CONTRACT_COLUMNS = {
     "acquisition_date",
     "source_sha256",
 }
-LABELS = (
-    "dr_grade",
-    "referable_dr",
-    "amd",
-    "glaucoma",
-    "dme",
-    "age",
-    "sex",
-    "diabetes",
-    "hypertension",
-    "systolic_bp",
-    "hba1c",
-    "cvd_5y",
-    "dementia",
-    "null_control",
-)
+LABELS = LABEL_COLUMNS
 
 
 def _truth(cohort: Path) -> list[dict[str, str]]:
