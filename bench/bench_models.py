@@ -17,8 +17,11 @@ import torch
 from models.networks import FUNDUS_NETWORKS, OCT_NETWORKS, fundus_encoder, oct_encoder
 from models.tasks import MultiTaskHeads, TaskSpec, multitask_loss
 
-TASKS = [TaskSpec(name="dr_grade", kind="ordinal", classes=5),
-         TaskSpec(name="amd", kind="binary"), TaskSpec(name="age", kind="regression")]
+TASKS = [
+    TaskSpec(name="dr_grade", kind="ordinal", classes=5),
+    TaskSpec(name="amd", kind="binary"),
+    TaskSpec(name="age", kind="regression"),
+]
 
 
 def _throughput(net: torch.nn.Module, x: torch.Tensor, steps: int, device: torch.device) -> float:
@@ -26,9 +29,11 @@ def _throughput(net: torch.nn.Module, x: torch.Tensor, steps: int, device: torch
     net = net.to(device)
     opt = torch.optim.AdamW(list(net.parameters()) + list(heads.parameters()), lr=1e-4)
     b = x.shape[0]
-    targets = {"dr_grade": torch.randint(0, 5, (b,), device=device).float(),
-               "amd": torch.randint(0, 2, (b,), device=device).float(),
-               "age": torch.rand(b, device=device) * 40 + 40}
+    targets = {
+        "dr_grade": torch.randint(0, 5, (b,), device=device).float(),
+        "amd": torch.randint(0, 2, (b,), device=device).float(),
+        "age": torch.rand(b, device=device) * 40 + 40,
+    }
     cuda = device.type == "cuda"
 
     def step() -> None:
@@ -56,8 +61,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
     device = torch.device(args.device)
-    print(f"training step throughput, batch {args.batch}, device {device}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"training step throughput, batch {args.batch}, device {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
     for name in FUNDUS_NETWORKS:
         x = torch.randn(args.batch, 3, 224, 224, device=device)
         if device.type == "cuda":

@@ -9,9 +9,9 @@ the previous one.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eyehub.storage import atomic_path, write_text_atomic
 from ingest.store import iter_scans
 
 CATALOG = "catalog.parquet"
@@ -60,9 +61,8 @@ QUARANTINE_SCHEMA = pa.schema(
 
 
 def _atomic_write(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def _quarantine_dir(dataset: Path) -> Path:
@@ -78,20 +78,13 @@ def record_quarantine(
 ) -> None:
     folder = _quarantine_dir(dataset)
     folder.mkdir(parents=True, exist_ok=True)
-    target = folder / _record_name(source_path)
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "source_path": source_path,
-                "reason": reason,
-                "detail": detail,
-                "source_sha256": sha256,
-            }
-        ),
-        encoding="utf-8",
-    )
-    os.replace(tmp, target)
+    record = {
+        "source_path": source_path,
+        "reason": reason,
+        "detail": detail,
+        "source_sha256": sha256,
+    }
+    write_text_atomic(folder / _record_name(source_path), json.dumps(record))
 
 
 def clear_quarantine(dataset: Path, source_path: str) -> None:
@@ -136,7 +129,7 @@ def rebuild_catalog(dataset: Path) -> pd.DataFrame:
         [{k: _coerce(k, r.get(k)) for k in CATALOG_SCHEMA.names} for r in rows],
         schema=CATALOG_SCHEMA,
     )
-    catalog = base.to_pandas(types_mapper=_keep_dates)
+    catalog = base.to_pandas()
     labels = load_labels(dataset)
     if labels is not None and len(labels.columns) > 3:
         labels = labels.copy()
@@ -152,15 +145,8 @@ def rebuild_catalog(dataset: Path) -> pd.DataFrame:
     return catalog
 
 
-def _keep_dates(dtype: pa.DataType) -> Any:
-    return None
-
-
 def _coerce(name: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if name in ("acquisition_date", "study_date"):
-        import datetime as dt
-
-        return dt.date.fromisoformat(value) if isinstance(value, str) else value
+    """Stored rows keep dates as ISO text (JSON); the table wants dates."""
+    if name in ("acquisition_date", "study_date") and isinstance(value, str):
+        return dt.date.fromisoformat(value)
     return value

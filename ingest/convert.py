@@ -85,10 +85,11 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
         ds = read_header(path, defer_pixels=True)
         classify(ds)
         sop_uid = str(ds.get("SOPInstanceUID", "") or "").strip()
-        if sop_uid:
-            existing = read_scan_attributes(scan_path(dataset, key.scan_id(sop_uid)))
+        if sop_uid:  # already in the store? then nothing is decoded
+            scan_id = key.scan_id(sop_uid)
+            existing = read_scan_attributes(scan_path(dataset, scan_id))
             if existing is not None:
-                return _existing(result, existing, key.scan_id(sop_uid), sha)
+                return _existing(result, existing, scan_id, sha)
         info = inspect_scan(ds, max_decoded_bytes)
         fundus = info.modality == "fundus"
         # de-identify first: a file that cannot be pseudonymised is not decoded at all

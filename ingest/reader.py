@@ -69,19 +69,28 @@ class DirectoryRecord(Exception):
 
 
 @dataclass
-class DecodedScan:
-    """One decoded scan and the header it came with (Pixel Data removed)."""
+class ScanInfo:
+    """What a checked file is, before any pixel is decoded."""
 
-    modality: str  # "fundus" or "oct"
-    pixels: np.ndarray  # fundus (c, y, x); OCT (z, y, x) = (B-scan, depth, A-scan)
-    spacing_mm: tuple[float, ...] | None  # spatial axes: fundus (y, x), OCT (z, y, x)
-    eye: str  # "R" or "L"
+    modality: str
+    eye: str
+    spacing_mm: tuple[float, ...] | None
+    order: np.ndarray | None  # OCT: stored frame index at each anatomical position
+    references: list[tuple[str, str]]
     header: Dataset
-    references: list[tuple[str, str]]  # (SOP Class UID, SOP Instance UID) this scan points at
 
     @property
     def axes(self) -> tuple[str, str, str]:
         return ("c", "y", "x") if self.modality == "fundus" else ("z", "y", "x")
+
+
+@dataclass
+class DecodedScan(ScanInfo):
+    """A checked scan with its pixels: fundus (c, y, x); OCT (z, y, x) = (B-scan, depth,
+    A-scan) already in anatomical order (so `order` is None). Pixel Data is dropped from
+    `header`."""
+
+    pixels: np.ndarray
 
 
 def _corrupt(exc: Exception) -> InputError:
@@ -404,22 +413,6 @@ def _references(ds: Dataset) -> list[tuple[str, str]]:
     return refs
 
 
-@dataclass
-class ScanInfo:
-    """What a checked file is, before any pixel is decoded."""
-
-    modality: str
-    eye: str
-    spacing_mm: tuple[float, ...] | None
-    order: np.ndarray | None  # OCT: stored frame index at each anatomical position
-    references: list[tuple[str, str]]
-    header: Dataset
-
-    @property
-    def axes(self) -> tuple[str, str, str]:
-        return ("c", "y", "x") if self.modality == "fundus" else ("z", "y", "x")
-
-
 def inspect_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> ScanInfo:
     """Every check that needs no decoding (the order of the quarantine reasons)."""
     modality = classify(ds)
@@ -461,7 +454,7 @@ def decode_scan(ds: Dataset, max_decoded_bytes: int = 4 * 2**30) -> DecodedScan:
     else:
         pixels = fundus_planes(ds, pixels)
     del ds.PixelData
-    return DecodedScan(info.modality, pixels, info.spacing_mm, info.eye, ds, info.references)
+    return DecodedScan(info.modality, info.eye, info.spacing_mm, None, info.references, ds, pixels)
 
 
 def fundus_planes(ds: Dataset, pixels: np.ndarray) -> np.ndarray:

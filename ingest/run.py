@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eyehub.compute import start_ray
 from eyehub.errors import NotFoundError, UsageError
 from eyehub.settings import Settings
+from eyehub.storage import write_text_atomic
 from ingest.catalog import (
     STATE,
     clear_quarantine,
@@ -62,7 +64,6 @@ class IngestSummary:
     # the most one file raised its worker's memory above what the worker held before it
     peak_file_memory_bytes: int = 0
     peak_file_memory_decoded_bytes: int = 0  # the decoded size of that file
-    largest_decoded_bytes: int = 0
     catalog_rows: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray nodes that converted files
 
@@ -136,11 +137,8 @@ def _load_index(dataset: Path) -> dict[str, dict[str, Any]]:
 
 
 def _save_index(dataset: Path, index: dict[str, dict[str, Any]]) -> None:
-    folder = dataset / STATE
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{SOURCE_INDEX}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(index), encoding="utf-8")
-    os.replace(tmp, folder / SOURCE_INDEX)
+    (dataset / STATE).mkdir(parents=True, exist_ok=True)
+    write_text_atomic(dataset / STATE / SOURCE_INDEX, json.dumps(index))
 
 
 def _batches(files: list[Path], settings: IngestSettings) -> list[list[str]]:
@@ -169,24 +167,6 @@ def _convert_batch_task(
 
     node = ray.get_runtime_context().get_node_id()
     return node, convert_batch(paths, dataset, secret, max_decoded_bytes)
-
-
-def _start_ray(settings: IngestSettings) -> bool:
-    """Connect to Ray; returns True when this call started it (and so must stop it)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    common: dict[str, Any] = {
-        "logging_level": logging.ERROR,
-        "log_to_driver": False,
-        "configure_logging": False,
-    }
-    if settings.ray_address:
-        ray.init(address=settings.ray_address, **common)
-    else:
-        ray.init(num_cpus=settings.workers, include_dashboard=False, **common)
-    return True
 
 
 def run_ingest(
@@ -241,7 +221,7 @@ def run_ingest(
     if todo:
         import ray
 
-        started = _start_ray(settings)
+        started = start_ray(settings.workers, settings.ray_address)
         try:
             remote = ray.remote(num_cpus=1, max_retries=1)(_convert_batch_task)
             pending: dict[Any, list[str]] = {}
@@ -298,9 +278,6 @@ def _account(
     if outcome == "converted":
         summary.converted += 1
         summary.decoded_bytes += res.get("decoded_bytes", 0)
-        summary.largest_decoded_bytes = max(
-            summary.largest_decoded_bytes, res.get("decoded_bytes", 0)
-        )
         clear_quarantine(dataset, path)
     elif outcome == "present":
         summary.present += 1

@@ -22,24 +22,15 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from eyehub.errors import DatasetError
+from eyehub.storage import chunk_codec
 
 SCANS = "scans.zarr"
 STAGING = ".staging"
 FORMAT_VERSION = 1
 
 _AXIS_TYPES = {"c": "channel", "z": "space", "y": "space", "x": "space"}
-
-
-def _codec(dtype: np.dtype) -> BloscCodec:
-    """zstd level 1: on speckled OCT and fundus photographs it compresses as well as level 5
-    with bit-shuffling, at 2.5x the speed (bench/bench_ingest.py); byte-shuffle only helps
-    samples wider than a byte."""
-    if np.dtype(dtype).itemsize > 1:
-        return BloscCodec(cname="zstd", clevel=1, shuffle="shuffle")
-    return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
 
 
 def open_store(dataset: Path) -> Path:
@@ -112,35 +103,24 @@ def iter_scans(dataset: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def ome_multiscales(
-    name: str, axes: tuple[str, ...], spacing: tuple[float, ...] | None, levels: int
+    name: str, axes: tuple[str, ...], spacing: tuple[float, ...] | None
 ) -> dict[str, Any]:
-    """OME-Zarr 0.5 `multiscales` metadata: axes with units, one scale per level."""
-    spatial = [a for a in axes if a != "c"]
-    unit = spacing is not None
+    """OME-Zarr 0.5 `multiscales` metadata for the one full-resolution level ("0"): axes
+    with units where the spacing is known, and its scale transform."""
+    spatial = iter(spacing or ())
     axis_meta = []
+    scale = []
     for a in axes:
         entry: dict[str, str] = {"name": a, "type": _AXIS_TYPES[a]}
-        if a != "c" and unit:
-            entry["unit"] = "millimeter"
+        if a == "c":
+            scale.append(1.0)
+        else:
+            scale.append(next(spatial, 1.0))
+            if spacing is not None:
+                entry["unit"] = "millimeter"
         axis_meta.append(entry)
-    base = dict(zip(spatial, spacing, strict=True)) if spacing else dict.fromkeys(spatial, 1.0)
-    datasets = []
-    for level in range(levels):
-        scale = []
-        for a in axes:
-            if a == "c":
-                scale.append(1.0)
-            elif a in ("y", "x"):
-                scale.append(base[a] * 2**level)
-            else:
-                scale.append(base[a])
-        datasets.append(
-            {
-                "path": str(level),
-                "coordinateTransformations": [{"type": "scale", "scale": scale}],
-            }
-        )
-    return {"name": name, "axes": axis_meta, "datasets": datasets}
+    dataset = {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": scale}]}
+    return {"name": name, "axes": axis_meta, "datasets": [dataset]}
 
 
 class _Staged:
@@ -162,7 +142,7 @@ class _Staged:
             shape=shape,
             dtype=dtype,
             chunks=chunks,
-            compressors=[_codec(dtype)],
+            compressors=[chunk_codec(dtype)],
             dimension_names=list(axes),
             fill_value=0,
         )
@@ -174,12 +154,12 @@ class _Staged:
             {
                 "ome": {
                     "version": "0.5",
-                    "multiscales": [ome_multiscales(self.scan_id, axes, spacing, 1)],
+                    "multiscales": [ome_multiscales(self.scan_id, axes, spacing)],
                 },
                 "eyehub": eyehub_attrs,
             }
         )
-        if not _staging_intact(self.path, self.inode, 1):
+        if not _staging_intact(self.path, self.inode):
             raise DatasetError(
                 f"staging of scan {self.scan_id} was disturbed while written; run the ingest again"
             )
@@ -265,14 +245,14 @@ def _flush_runs(array: Any, pending: dict[int, np.ndarray]) -> None:
     pending.clear()
 
 
-def _staging_intact(staging: Path, inode: int, levels: int) -> bool:
+def _staging_intact(staging: Path, inode: int) -> bool:
     """The directory we created, with every metadata document: safe to make visible."""
     try:
         if staging.stat().st_ino != inode:
             return False
     except FileNotFoundError:
         return False
-    docs = [staging / "zarr.json", *(staging / str(i) / "zarr.json" for i in range(levels))]
+    docs = [staging / "zarr.json", staging / "0" / "zarr.json"]
     return all(d.is_file() for d in docs)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,10 +26,11 @@ import numpy as np
 import pandas as pd
 import torch
 import zarr
-from zarr.codecs import BloscCodec
 
+from eyehub.compute import start_ray
 from eyehub.errors import DatasetError, UsageError
-from ingest import CATALOG, SCANS
+from eyehub.storage import atomic_path, chunk_codec, write_text_atomic
+from ingest import CATALOG, read_pixels
 from preprocess.fundus import prepare_fundus
 from preprocess.oct import prepare_oct
 from preprocess.recipe import Recipe, recipe_id
@@ -79,7 +79,7 @@ class Preparer:
         self.results = self.dataset / PREPARED / f"{rid}.state" / "results"
 
     def _pixels(self, scan_id: str) -> np.ndarray:
-        return np.asarray(zarr.open_array(self.dataset / SCANS / scan_id / "0", mode="r")[...])
+        return read_pixels(self.dataset, scan_id)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         done = []
@@ -170,15 +170,9 @@ class Preparer:
             "row": int(item["row"]),
             **values,
         }
-        target = self.results / f"{item['scan_id']}.json"
-        tmp = target.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record), encoding="utf-8")
-        os.replace(tmp, target)  # the scan's completion mark, written after its row
+        # the scan's completion mark, written after its row
+        write_text_atomic(self.results / f"{item['scan_id']}.json", json.dumps(record))
         return record
-
-
-def _codec() -> BloscCodec:
-    return BloscCodec(cname="zstd", clevel=1, shuffle="noshuffle")
 
 
 def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> dict[str, int]:
@@ -197,9 +191,7 @@ def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> d
             if scan_id not in rows:
                 rows[scan_id] = counts[modality]
                 counts[modality] += 1
-    tmp = rows_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows), encoding="utf-8")
-    os.replace(tmp, rows_file)
+    write_text_atomic(rows_file, json.dumps(rows))
     root = zarr.open_group(dataset / PREPARED / f"{rid}.zarr", mode="a", zarr_format=3)
     root.attrs.update({"eyehub": {"recipe_id": rid, "recipe": recipe.to_dict()}})
     f, o = recipe.fundus, recipe.oct
@@ -219,7 +211,7 @@ def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> d
                 shape=shape,
                 dtype="uint8",
                 chunks=(1, *shapes[modality]),
-                compressors=[_codec()],
+                compressors=[chunk_codec("uint8")],
                 dimension_names=axes[modality],
                 fill_value=0,
             )
@@ -254,18 +246,7 @@ def run_preprocess(
     if len(todo):
         import ray
 
-        started = False
-        if not ray.is_initialized():
-            common: dict[str, Any] = {
-                "logging_level": logging.ERROR,
-                "log_to_driver": False,
-                "configure_logging": False,
-            }
-            if ray_address:
-                ray.init(address=ray_address, **common)
-            else:
-                ray.init(num_cpus=workers, include_dashboard=False, **common)
-            started = True
+        started = start_ray(workers, ray_address)
         try:
             ctx = ray.data.DataContext.get_current()
             ctx.enable_progress_bars = False
@@ -344,7 +325,6 @@ def _write_index(dataset: Path, rid: str, catalog: pd.DataFrame) -> Path:
     merged = table.merge(catalog[keep + labels], on="scan_id", how="left")
     merged = merged.sort_values(["modality", "row"]).reset_index(drop=True)
     path = dataset / PREPARED / f"{rid}.parquet"
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    merged.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        merged.to_parquet(tmp, index=False)
     return path

@@ -195,7 +195,7 @@ def _patient_files(
             device=site.device,
         )
         acq = dt.datetime.combine(date, dt.time(int(study_time[:2]), int(study_time[2:4])))
-        for e_i, ev in enumerate(eyes):
+        for ev in eyes:
             eye = ev.eye
             # fundus photograph
             shape = site.fundus_shape[size]
@@ -325,7 +325,6 @@ def _patient_files(
                 }
             )
             labels.append(_label_row(rng, patient, ev, date))
-            del e_i
     phi = {
         "patient_index": index,
         "patient_name": ident.patient_name,

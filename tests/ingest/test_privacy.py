@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +12,7 @@ import pydicom
 import pytest
 
 from ingest import HubKey
+from tests.cli import run_eyehub
 
 
 def _planted(cohort: Path) -> set[str]:
@@ -46,26 +44,16 @@ def _planted(cohort: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def cli_run(small_cohort: Path, key_file: Path, tmp_path_factory: pytest.TempPathFactory):
     dataset = tmp_path_factory.mktemp("privacy") / "ds"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eyehub.cli",
-            "--verbose",
-            "ingest",
-            str(small_cohort / "dicom"),
-            "--out",
-            str(dataset),
-            "--labels",
-            str(small_cohort / "labels.csv"),
-            "--key-file",
-            str(key_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "COLUMNS": "150"},
+    out = run_eyehub(
+        "--verbose",
+        "ingest",
+        str(small_cohort / "dicom"),
+        "--out",
+        str(dataset),
+        "--labels",
+        str(small_cohort / "labels.csv"),
+        "--key-file",
+        str(key_file),
     )
     assert out.returncode == 0, out.stderr
     return dataset, out.stdout + out.stderr

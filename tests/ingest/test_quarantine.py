@@ -3,14 +3,12 @@ carries on; the exit status says so."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
+from tests.cli import run_eyehub
 from tests.ingest.bad_inputs import TOO_LARGE_LIMIT, good_fundus, good_oct, make_all
 
 
@@ -21,25 +19,15 @@ def bad_run(tmp_path_factory: pytest.TempPathFactory, key_file: Path):
     good_fundus(src / "good" / "fundus.dcm", n=50)
     good_oct(src / "good" / "oct", n=51)
     dataset = tmp_path_factory.mktemp("bad_ds") / "ds"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eyehub.cli",
-            "ingest",
-            str(src),
-            "--out",
-            str(dataset),
-            "--key-file",
-            str(key_file),
-            "--max-decoded-bytes",
-            str(TOO_LARGE_LIMIT),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env={**os.environ, "COLUMNS": "150", "NO_COLOR": "1"},
+    out = run_eyehub(
+        "ingest",
+        str(src),
+        "--out",
+        str(dataset),
+        "--key-file",
+        str(key_file),
+        "--max-decoded-bytes",
+        str(TOO_LARGE_LIMIT),
     )
     return bad, dataset, out
 
@@ -79,34 +67,12 @@ def test_details_quote_no_identifier(bad_run) -> None:
 
 def test_a_clean_run_exits_zero_and_usage_errors_exit_two(tmp_path: Path, key_file: Path) -> None:
     good_fundus(tmp_path / "src" / "a.dcm", n=60)
-    cmd = [
-        sys.executable,
-        "-m",
-        "eyehub.cli",
-        "ingest",
-        str(tmp_path / "src"),
-        "--out",
-        str(tmp_path / "ds"),
-        "--key-file",
-        str(key_file),
-    ]
-    assert subprocess.run(cmd, capture_output=True, timeout=300, check=False).returncode == 0
-    missing = subprocess.run(
-        [*cmd[:4], str(tmp_path / "nope"), *cmd[5:]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    args = ["ingest", str(tmp_path / "src"), "--out", str(tmp_path / "ds")]
+    key = ["--key-file", str(key_file)]
+    assert run_eyehub(*args, *key, timeout=300).returncode == 0
+    missing = run_eyehub("ingest", str(tmp_path / "nope"), *args[2:], *key, timeout=300)
     assert missing.returncode == 2 and "not found" in missing.stderr
-    nokey = subprocess.run(
-        cmd[:-2],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={k: v for k, v in os.environ.items() if k != "EYEHUB_KEY_FILE"},
-    )
+    nokey = run_eyehub(*args, timeout=300, drop_env=["EYEHUB_KEY_FILE"])
     assert nokey.returncode == 2 and "keygen" in nokey.stderr
     assert "Traceback" not in missing.stderr + nokey.stderr
 
@@ -117,24 +83,16 @@ def test_a_labels_file_without_its_key_columns_is_a_usage_error(
     good_fundus(tmp_path / "src" / "a.dcm", n=61)
     labels = tmp_path / "labels.csv"
     labels.write_text("patient,eye,dr_grade\nX,R,1\n")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eyehub.cli",
-            "ingest",
-            str(tmp_path / "src"),
-            "--out",
-            str(tmp_path / "ds"),
-            "--key-file",
-            str(key_file),
-            "--labels",
-            str(labels),
-        ],
-        capture_output=True,
-        text=True,
+    out = run_eyehub(
+        "ingest",
+        str(tmp_path / "src"),
+        "--out",
+        str(tmp_path / "ds"),
+        "--key-file",
+        str(key_file),
+        "--labels",
+        str(labels),
         timeout=300,
-        check=False,
     )
     assert out.returncode == 2
     assert "mrn" in out.stderr and "study_date" in out.stderr
