@@ -4,7 +4,10 @@ vector the task heads share.
 Fundus (2D): densenet121, efficientnet-b0, resnet50, vit-b16. OCT: densenet121-3d (a 3-D
 volume network) and bscan-attention (a 2-D encoder per B-scan with attention pooling
 across B-scans, whose weights say which B-scans mattered). Fusion of both is late: the
-two feature vectors, plus optional age and sex, are concatenated.
+two feature vectors, plus optional age and sex, are concatenated and projected.
+
+Each network also names the layer Grad-CAM reads (`GRADCAM_LAYERS`): the last
+convolutional feature map, or for the ViT the patch-token grid entering its last block.
 """
 
 from __future__ import annotations
@@ -19,6 +22,19 @@ FEATURES = 256
 FUNDUS_NETWORKS = ("densenet121", "efficientnet-b0", "resnet50", "vit-b16")
 OCT_NETWORKS = ("densenet121-3d", "bscan-attention")
 
+# Grad-CAM target layer of each network, relative to the network. EfficientNet's `_swish`
+# is one module called twice (stem and head), so its hooks would mix the two; `_bn1` is
+# the head's normalised feature map, called once.
+GRADCAM_LAYERS = {
+    "densenet121": "class_layers.relu",
+    "efficientnet-b0": "_bn1",
+    "resnet50": "layer4",
+    "vit-b16": "grid",
+    "densenet121-3d": "class_layers.relu",
+    "bscan-attention": "encoder.class_layers.relu",
+}
+VIT_PATCH = 16
+
 
 def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.Module:
     """A MONAI 2-D network whose classifier layer outputs `features` values."""
@@ -31,22 +47,43 @@ def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.M
     if name == "resnet50":
         return nets.resnet50(spatial_dims=2, n_input_channels=3, num_classes=features)
     if name == "vit-b16":
-        return _ViTFeatures(image_size, features)
+        return ViTFeatures(image_size, features)
     raise ConfigError(
-        f"model.network: unknown fundus network {name!r}; "
+        f"model.fundus_network: unknown fundus network {name!r}; "
         f"choose one of {', '.join(FUNDUS_NETWORKS)}"
     )
 
 
-class _ViTFeatures(nn.Module):
-    """MONAI ViT-B/16 (12 layers, 768 wide) with a classification token; returns features."""
+class TokenGrid(nn.Module):
+    """Patch tokens (B, N, C) as a feature map (B, C, h, w): the layer ViT Grad-CAM reads."""
+
+    def __init__(self, rows: int, cols: int) -> None:
+        super().__init__()
+        self.rows, self.cols = rows, cols
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, _, c = tokens.shape
+        return tokens.transpose(1, 2).reshape(b, c, self.rows, self.cols)
+
+
+class ViTFeatures(nn.Module):
+    """MONAI ViT-B/16 (12 layers, 768 wide, qkv bias as in timm and RETFound) with a
+    classification token; returns features.
+
+    The forward pass is MONAI's ViT.forward spelled out, so the patch tokens entering the
+    last block pass through `grid` (a reshape), where Grad-CAM reads them."""
 
     def __init__(self, image_size: int, features: int) -> None:
         super().__init__()
+        if image_size % VIT_PATCH:
+            raise ConfigError(
+                f"vit-b16 needs an image size divisible by {VIT_PATCH}; the recipe gives "
+                f"{image_size} (set preprocess fundus.size to, say, {image_size // 16 * 16})"
+            )
         self.vit = nets.ViT(
             in_channels=3,
             img_size=(image_size, image_size),
-            patch_size=(16, 16),
+            patch_size=(VIT_PATCH, VIT_PATCH),
             hidden_size=768,
             mlp_dim=3072,
             num_layers=12,
@@ -55,11 +92,21 @@ class _ViTFeatures(nn.Module):
             num_classes=features,
             spatial_dims=2,
             post_activation="",
+            qkv_bias=True,
         )
+        side = image_size // VIT_PATCH
+        self.grid = TokenGrid(side, side)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, _ = self.vit(x)
-        return out
+        vit = self.vit
+        tokens = vit.patch_embedding(x)
+        h = torch.cat([vit.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        for block in vit.blocks[:-1]:
+            h = block(h)
+        grid = self.grid(h[:, 1:])
+        h = torch.cat([h[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
+        h = vit.norm(vit.blocks[-1](h))
+        return vit.classification_head(h[:, 0])
 
 
 class BScanAttention(nn.Module):
@@ -87,24 +134,5 @@ def oct_encoder(name: str, features: int = FEATURES) -> nn.Module:
     if name == "bscan-attention":
         return BScanAttention(features)
     raise ConfigError(
-        f"model.network: unknown OCT network {name!r}; choose one of {', '.join(OCT_NETWORKS)}"
+        f"model.oct_network: unknown OCT network {name!r}; choose one of {', '.join(OCT_NETWORKS)}"
     )
-
-
-class LateFusion(nn.Module):
-    """Fundus and OCT features of one eye and visit (and optionally age and sex), joined."""
-
-    def __init__(
-        self, fundus: nn.Module, oct_net: nn.Module, features: int = FEATURES, clinical: int = 0
-    ) -> None:
-        super().__init__()
-        self.fundus, self.oct = fundus, oct_net
-        self.project = nn.Sequential(nn.Linear(2 * features + clinical, features), nn.ReLU())
-
-    def forward(
-        self, fundus: torch.Tensor, volume: torch.Tensor, clinical: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        parts = [self.fundus(fundus), self.oct(volume)]
-        if clinical is not None:
-            parts.append(clinical)
-        return self.project(torch.cat(parts, dim=1))

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from eyehub.settings import Settings
@@ -26,6 +26,27 @@ class TaskSpec(Settings):
     mean: float = 0.0  # regression: targets are standardised with these
     std: float = Field(default=1.0, gt=0)
     huber_delta: float = Field(default=1.0, gt=0)
+    refer_from: int | None = Field(
+        default=None,
+        ge=1,
+        description="ordinal: the grade from which an eye is referred (DR: 2, moderate NPDR); "
+        "gives the task a referral probability, a temperature and a threshold",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> TaskSpec:
+        if self.refer_from is not None and (
+            self.kind != "ordinal" or self.refer_from >= self.classes
+        ):
+            raise ValueError(
+                f"refer_from applies to ordinal tasks and must be below classes ({self.classes})"
+            )
+        return self
+
+    @property
+    def decides(self) -> bool:
+        """Whether the task ends in a yes/no decision (calibrated, with a threshold)."""
+        return self.kind == "binary" or self.refer_from is not None
 
 
 class CoralHead(nn.Module):
@@ -35,19 +56,32 @@ class CoralHead(nn.Module):
     def __init__(self, features: int, classes: int) -> None:
         super().__init__()
         self.linear = nn.Linear(features, 1, bias=False)
-        self.biases = nn.Parameter(torch.arange(classes - 1, 0, -1).float() / classes)
+        # The gaps between the biases set how sure a middle grade can be, and no feature
+        # scale can widen them; an optimiser moves a parameter about lr per step, so they are
+        # stored divided by BIAS_STEP to move BIAS_STEP times faster. They start at the
+        # logits of a uniform grade prior, P(y > k) = (K-1-k)/K.
+        prior = torch.arange(classes - 1, 0, -1).float() / classes
+        self.scaled_biases = nn.Parameter(torch.logit(prior) / self.BIAS_STEP)
+
+    BIAS_STEP = 10.0
+
+    @property
+    def biases(self) -> torch.Tensor:
+        return self.scaled_biases * self.BIAS_STEP
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.biases  # (B, K-1) logits of P(y > k)
 
 
-def ordinal_probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Grade probabilities (B, K) from CORAL logits (B, K-1); non-negative, sum to one.
+def ordinal_cumulative(logits: torch.Tensor) -> torch.Tensor:
+    """P(y > k) for k = 0..K-2 from CORAL logits, made monotone (a running minimum, which
+    CORAL's ordered biases already give up to rounding)."""
+    return torch.cummin(torch.sigmoid(logits), dim=1).values
 
-    The cumulative probabilities are made monotone (a running minimum), which CORAL's
-    ordered biases already give up to rounding."""
-    cumulative = torch.sigmoid(logits)
-    cumulative = torch.cummin(cumulative, dim=1).values
+
+def ordinal_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Grade probabilities (B, K) from CORAL logits (B, K-1); non-negative, sum to one."""
+    cumulative = ordinal_cumulative(logits)
     ones = torch.ones_like(cumulative[:, :1])
     zeros = torch.zeros_like(cumulative[:, :1])
     upper = torch.cat([ones, cumulative], dim=1)

@@ -1,0 +1,141 @@
+"""Explanations a clinician can check against the image: MONAI Grad-CAM at the input's
+resolution, and for the 2.5-D OCT network its attention over B-scans with Grad-CAM on
+the B-scan it weighted most.
+
+A map is the ReLU of the Grad-CAM of the task's decision score (binary: its logit;
+ordinal: the logit of referral, or of the summed grade logits without `refer_from`;
+regression: the standardised value), scaled so its maximum is 1 (0 stays "no evidence";
+MONAI's default normaliser would flip the scale). Hooks are removed after each call, so
+explaining never slows later predictions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.visualize import GradCAM
+from torch import nn
+
+from eyehub.errors import ConfigError
+from models.model import EyeModel, EyeNet
+from models.networks import BScanAttention
+from models.tasks import TaskSpec
+
+
+@dataclass
+class Explanation:
+    """Why one sample got its score for one task."""
+
+    task: str
+    image: str  # fundus | oct
+    heatmap: np.ndarray  # (H, W) in [0, 1]: the fundus image, or the OCT's top B-scan
+    bscan: int | None = None  # OCT: the B-scan shown in `heatmap`
+    attention: np.ndarray | None = None  # bscan-attention: weight per B-scan, sums to 1
+    volume: np.ndarray | None = None  # densenet121-3d: (D, H, W) map
+
+
+def _scale_to_max(x: torch.Tensor) -> torch.Tensor:
+    peak = x.flatten(1).amax(dim=1).clamp(min=1e-12).view(-1, *[1] * (x.ndim - 1))
+    return x / peak
+
+
+@contextlib.contextmanager
+def _hooks_removed_after(module: nn.Module) -> Iterator[None]:
+    """MONAI's ModelWithHooks keeps no hook handles; drop what it registered on exit."""
+    before = {
+        name: (set(m._forward_hooks), set(m._backward_hooks)) for name, m in module.named_modules()
+    }
+    try:
+        yield
+    finally:
+        for name, m in module.named_modules():
+            fwd, bwd = before.get(name, (set(), set()))
+            for key in set(m._forward_hooks) - fwd:
+                del m._forward_hooks[key]
+            for key in set(m._backward_hooks) - bwd:
+                del m._backward_hooks[key]
+
+
+class _TaskScore(nn.Module):
+    """The network as a function of one image input, returning the task's score (B, 1)."""
+
+    def __init__(
+        self,
+        net: EyeNet,
+        task: TaskSpec,
+        image: str,
+        others: Mapping[str, torch.Tensor],
+        place: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net, self.task, self.image = net, task, image
+        self.others = dict(others)
+        self.place = place
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        image = self.place(x) if self.place is not None else x
+        out = self.net(**{**self.others, self.image: image})[self.task.name]
+        if self.task.kind == "ordinal":
+            if self.task.refer_from is not None:
+                return out[:, self.task.refer_from - 1 : self.task.refer_from]
+            return out.sum(dim=1, keepdim=True)
+        return out[:, :1]
+
+
+def _gradcam(score: _TaskScore, layer: str, x: torch.Tensor) -> torch.Tensor:
+    with _hooks_removed_after(score), torch.enable_grad():
+        cam = GradCAM(score, target_layers="net." + layer, postprocessing=_scale_to_max)
+        return cam(x, class_idx=0).detach()
+
+
+def explain(
+    model: EyeModel, inputs: Mapping[str, torch.Tensor], task: str, image: str | None = None
+) -> list[Explanation]:
+    """One explanation per sample of `inputs` (the network's inputs, as `model_inputs`
+    gives them) for `task`, on `image` (fundus or oct; by default the model's only one,
+    or fundus for fusion)."""
+    spec = model.task(task)
+    net = model.net
+    layers = net.gradcam_layers()
+    image = image or ("fundus" if "fundus" in layers else "oct")
+    if image not in layers:
+        raise ConfigError(f"this model has no {image} input to explain; it has {list(layers)}")
+    if image not in inputs:
+        raise ConfigError(f"explain needs the {image} input")
+    was_training = net.training
+    net.eval()
+    try:
+        samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(len(inputs[image]))]
+        return [_explain_one(net, spec, image, layers[image], one) for one in samples]
+    finally:
+        net.train(was_training)
+
+
+def _explain_one(
+    net: EyeNet, task: TaskSpec, image: str, layer: str, inputs: dict[str, torch.Tensor]
+) -> Explanation:
+    x = inputs[image]
+    others = {k: v for k, v in inputs.items() if k != image}
+    if image == "fundus":
+        cam = _gradcam(_TaskScore(net, task, image, others), layer, x)
+        return Explanation(task.name, image, cam[0, 0].cpu().numpy())
+    if isinstance(net.oct, BScanAttention):
+        with torch.no_grad():
+            net(**inputs)
+        assert net.oct.last_attention is not None
+        attention = net.oct.last_attention[0].float().cpu().numpy()
+        top = int(attention.argmax())
+
+        def place(bscan: torch.Tensor) -> torch.Tensor:  # the volume with one B-scan swapped
+            return torch.cat([x[:, :, :top], bscan[:, :, None], x[:, :, top + 1 :]], dim=2)
+
+        score = _TaskScore(net, task, image, others, place)
+        cam = _gradcam(score, layer, x[:, :, top])  # maps for every B-scan; keep the top one
+        return Explanation(task.name, image, cam[top, 0].cpu().numpy(), top, attention)
+    volume = _gradcam(_TaskScore(net, task, image, others), layer, x)[0, 0].cpu().numpy()
+    top = int(volume.reshape(volume.shape[0], -1).sum(axis=1).argmax())
+    return Explanation(task.name, image, volume[top], top, volume=volume)
