@@ -30,9 +30,7 @@ HEALTHY = EyeSigns(
 )
 
 
-def lesion_images(
-    n: int, size: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def lesion_images(n: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images [n, 3, S, S] uint8, labels [n] 0/1 alternating, masks [n, S, S] bool)."""
     rng = np.random.default_rng(seed)
     images = np.zeros((n, 3, size, size), np.uint8)
@@ -51,11 +49,11 @@ def lesion_images(
                 cy = truth.fov_cy + dist * np.sin(angle)
                 if np.hypot(cx - truth.disc_x, cy - truth.disc_y) > 2.5 * truth.disc_radius:
                     break
-            spread = 0.07 * size
+            spread, spot_radius = 0.07 * size, max(1, round(0.016 * size))
             spots = np.zeros((size, size), np.uint8)
             for _ in range(9):
                 px, py = rng.normal(0, spread / 2.5, 2)
-                cv2.circle(spots, (round(cx + px), round(cy + py)), max(1, round(0.016 * size)), 1, -1)
+                cv2.circle(spots, (round(cx + px), round(cy + py)), spot_radius, 1, -1)
             spot = spots.astype(bool)
             image[spot] = (255, 238, 120)
             yy, xx = np.mgrid[0:size, 0:size]

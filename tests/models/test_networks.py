@@ -116,9 +116,9 @@ def test_bscan_attention_says_which_bscans_mattered() -> None:
 
 
 def test_unknown_networks_and_too_small_inputs_are_config_errors() -> None:
-    with pytest.raises(ConfigError, match="fundus_network.*unknown fundus network.*densenet121"):
+    with pytest.raises(ConfigError, match=r"fundus_network.*unknown fundus network.*densenet121"):
         ModelSpec.from_dict({"fundus_network": "inception", "tasks": TASKS})
-    with pytest.raises(ConfigError, match="oct_network.*unknown OCT network.*bscan-attention"):
+    with pytest.raises(ConfigError, match=r"oct_network.*unknown OCT network.*bscan-attention"):
         ModelSpec.from_dict({"oct_network": "unet", "tasks": TASKS})
     spec = ModelSpec.from_dict({"input": "oct", "oct_network": "densenet121-3d", "tasks": TASKS})
     with pytest.raises(ConfigError, match=r"oct.shape .* too small for densenet121-3d"):
