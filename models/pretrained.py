@@ -38,18 +38,18 @@ log = logging.getLogger(__name__)
 _WRAPPERS = ("state_dict", "state_dict_ema", "model_state_dict", "model", "module", "net")
 _PREFIXES = ("module.", "model.", "backbone.", "encoder.", "net.")
 _MAE_DECODER = re.compile(r"^(decoder_|mask_token$)")
-_DENSE_TV = re.compile(
-    r"^(.*denselayer\d+)(\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-)
-_DENSE_TV_NODOT = re.compile(
-    r"^(.*denselayer\d+)\.((?:norm|conv)[12])\.(weight|bias|running_mean|running_var)$"
-)
+_BN = r"(?:weight|bias|running_mean|running_var|num_batches_tracked)"
+_DENSE_TV = re.compile(rf"^(.*denselayer\d+)(\.(?:norm|relu|conv))\.((?:[12])\.{_BN})$")
+_DENSE_TV_NODOT = re.compile(rf"^(.*denselayer\d+)\.((?:norm|conv)[12])\.({_BN})$")
+# in the network's state dict but never used by its forward pass: not worth reporting
+_UNUSED = re.compile(r"(num_batches_tracked|norm_cross_attn\.(weight|bias))$")
 _TIMM_VIT = [
     (re.compile(r"^patch_embed\.proj\.(weight|bias)$"), r"patch_embedding.patch_embeddings.\1"),
     (re.compile(r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$"), r"blocks.\1.attn.out_proj.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$"), r"blocks.\1.mlp.linear1.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$"), r"blocks.\1.mlp.linear2.\2"),
     (re.compile(r"^fc_norm\.(weight|bias)$"), r"norm.\1"),
+    (re.compile(r"^head\.(weight|bias)$"), r"classification_head.\1"),
 ]
 
 
@@ -232,9 +232,7 @@ def load_pretrained(network: nn.Module, path: Path) -> LoadReport:
                 f"{prefix + name} {tuple(value.shape)} -> {tuple(own[name].shape)}"
             )
     loaded = {n.removeprefix(prefix) for n in report.matched}
-    report.missing = [
-        prefix + n for n in own if n not in loaded and not n.endswith("num_batches_tracked")
-    ]
+    report.missing = [prefix + n for n in own if n not in loaded and not _UNUSED.search(n)]
     if not report.matched:
         examples = ", ".join(report.mismatched[:3] or report.unexpected[:3])
         raise ConfigError(

@@ -1,0 +1,153 @@
+"""The model as one unit: networks, tasks, calibration, thresholds and recipe saved and
+loaded together, predicting the same afterwards."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eyehub.errors import ConfigError, DatasetError, NotFoundError
+from models.model import EyeModel, ModelSpec, model_inputs
+from preprocess.recipe import FundusRecipe, OctRecipe, Recipe, recipe_id
+
+RECIPE = Recipe(name="tiny", fundus=FundusRecipe(size=32), oct=OctRecipe(shape=(3, 32, 32)))
+SPEC = {
+    "input": "fusion",
+    "fundus_network": "densenet121",
+    "oct_network": "bscan-attention",
+    "features": 16,
+    "clinical": ["age", "sex"],
+    "tasks": [
+        {"name": "dr_grade", "kind": "ordinal", "classes": 5, "refer_from": 2, "weight": 2.0},
+        {"name": "glaucoma", "kind": "binary", "pos_weight": 4.0},
+        {"name": "systolic_bp", "kind": "regression", "mean": 130.0, "std": 15.0},
+    ],
+}
+
+
+def _inputs(spec: ModelSpec, n: int = 6) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(9)
+    fundus = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    oct_ = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ages = [55.0, None, 71.5, 40.0, 66.0, math.nan][:n]
+    sexes = ["F", "M", None, "m", "F", "X"][:n]
+    return model_inputs(spec, fundus, oct_, age=ages, sex=sexes)
+
+
+def _calibrated_model() -> EyeModel:
+    torch.manual_seed(0)
+    model = EyeModel.create(ModelSpec.from_dict(SPEC), RECIPE)
+    model.info["run_id"] = "abc123"
+    rng = np.random.default_rng(0)
+    n = 200
+    grades = rng.integers(0, 5, n).astype(float)
+    glaucoma = rng.integers(0, 2, n).astype(float)
+    outputs = {
+        "dr_grade": torch.tensor(
+            (grades[:, None] - np.arange(4)[None, :] - 0.5) * 3 + rng.normal(0, 1, (n, 4))
+        ),
+        "glaucoma": torch.tensor((glaucoma * 2 - 1)[:, None] * 2 + rng.normal(0, 1.5, (n, 1))),
+    }
+    grades[::10] = np.nan
+    model.calibrate(outputs, {"dr_grade": grades, "glaucoma": glaucoma})
+    return model
+
+
+def test_save_and_load_give_the_same_model(tmp_path: Path) -> None:
+    model = _calibrated_model()
+    assert set(model.temperatures) == {"dr_grade", "glaucoma"}  # regression makes no decision
+    x = _inputs(model.spec)
+    before = model.predict(x)
+    path = model.save(tmp_path / "model")
+    loaded = EyeModel.load(path)
+    after = loaded.predict(x)
+    for task, entry in before.items():
+        for key, value in entry.items():
+            assert np.array_equal(value, after[task][key]), (task, key)
+    assert loaded.spec == model.spec
+    assert loaded.recipe == RECIPE and loaded.recipe_id == recipe_id(RECIPE)
+    assert loaded.temperatures == model.temperatures
+    assert loaded.thresholds == model.thresholds
+    assert loaded.info == {"run_id": "abc123"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging left
+
+
+def test_predictions_are_calibrated_distributions_with_decisions() -> None:
+    model = _calibrated_model()
+    p = model.predict(_inputs(model.spec))
+    grades = p["dr_grade"]["grades"]
+    assert grades.shape == (6, 5) and np.allclose(grades.sum(axis=1), 1.0, atol=1e-6)
+    # referral probability is the probability of grade 2 or worse
+    assert np.allclose(p["dr_grade"]["probability"], grades[:, 2:].sum(axis=1), atol=1e-6)
+    for task in ("dr_grade", "glaucoma"):
+        threshold = model.thresholds[task].value
+        assert np.array_equal(p[task]["refer"], p[task]["probability"] >= threshold)
+        assert model.thresholds[task].sensitivity >= 0.9
+    assert "refer" not in p["systolic_bp"] and p["systolic_bp"]["value"].shape == (6,)
+
+
+def test_saving_over_a_model_replaces_it_whole(tmp_path: Path) -> None:
+    model = _calibrated_model()
+    path = model.save(tmp_path / "model")
+    model.thresholds.clear()
+    model.temperatures["glaucoma"] = 2.5
+    model.save(path)
+    loaded = EyeModel.load(path)
+    assert loaded.thresholds == {} and loaded.temperatures["glaucoma"] == 2.5
+
+
+def test_damaged_or_foreign_models_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="no eyehub model"):
+        EyeModel.load(tmp_path / "nothing")
+    path = _calibrated_model().save(tmp_path / "model")
+    manifest = json.loads((path / "eyehub-model.json").read_text())
+    manifest["version"] = 99
+    (path / "eyehub-model.json").write_text(json.dumps(manifest))
+    with pytest.raises(DatasetError, match="format version 99"):
+        EyeModel.load(path)
+    manifest["version"] = 1
+    (path / "eyehub-model.json").write_text(json.dumps(manifest))
+    with (path / "weights.pt").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(DatasetError, match="does not match"):
+        EyeModel.load(path)
+
+
+def test_inputs_are_normalised_the_same_way_everywhere() -> None:
+    spec = ModelSpec.from_dict(SPEC)
+    x = _inputs(spec)
+    assert x["fundus"].dtype == torch.float32 and x["fundus"].shape == (6, 3, 32, 32)
+    assert x["oct"].shape == (6, 1, 3, 32, 32)
+    assert float(x["oct"].min()) >= -1.0 and float(x["oct"].max()) <= 1.0
+    age, sex = x["clinical"][:, 0].tolist(), x["clinical"][:, 1].tolist()
+    assert age[1] == 0.0 and age[5] == 0.0  # missing age: the mean
+    assert age[2] == pytest.approx((71.5 - 60) / 15)
+    assert sex == [0.0, 1.0, 0.5, 1.0, 0.0, 0.5]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"tasks": [{"name": "a", "kind": "binary"}, {"name": "a", "kind": "binary"}]}, "unique"),
+        ({"input": "fundus", "oct_pretrained": "x.pt"}, "oct_pretrained applies"),
+        ({"tasks": [{"name": "a", "kind": "binary", "refer_from": 1}]}, "refer_from applies"),
+        ({"tasks": [{"name": "a", "kind": "ordinal", "classes": 3, "refer_from": 3}]}, "below"),
+        ({"tasks": []}, "tasks"),
+        ({"clinical": ["bmi"]}, "clinical"),
+        ({"netwrok": "x"}, "unknown key 'netwrok'"),
+    ],
+)
+def test_spec_errors_name_what_is_wrong(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelSpec.from_dict({**SPEC, **change})
+
+
+def test_a_task_the_model_lacks_is_named() -> None:
+    model = EyeModel(ModelSpec.from_dict(SPEC), RECIPE)
+    with pytest.raises(ConfigError, match="no task 'amd'; it has dr_grade, glaucoma"):
+        model.task("amd")
