@@ -69,7 +69,7 @@ def test_threshold_is_the_highest_that_reaches_the_target_sensitivity() -> None:
 
 
 def test_one_class_validation_sets_are_refused_with_advice() -> None:
-    with pytest.raises(DatasetError, match="both classes.*0 positive"):
+    with pytest.raises(DatasetError, match=r"both classes.*0 positive"):
         fit_temperature(np.array([0.1, -2.0, 0.3]), np.array([0.0, 0.0, np.nan]), task="amd")
     with pytest.raises(DatasetError, match="labels must be 0 or 1"):
         threshold_at_sensitivity(np.array([0.1, 0.2]), np.array([0.0, 2.0]))

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from eyehub.errors import ConfigError, DatasetError, NotFoundError
 from models.model import EyeModel, ModelSpec, model_inputs
@@ -151,3 +152,11 @@ def test_a_task_the_model_lacks_is_named() -> None:
     model = EyeModel(ModelSpec.from_dict(SPEC), RECIPE)
     with pytest.raises(ConfigError, match="no task 'amd'; it has dr_grade, glaucoma"):
         model.task("amd")
+
+
+def test_the_shipped_model_configs_are_valid() -> None:
+    configs = sorted(Path(__file__).parents[2].joinpath("configs", "model").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        spec = ModelSpec.from_dict(yaml.safe_load(path.read_text()))
+        assert spec.tasks, path

@@ -166,7 +166,7 @@ def test_unusable_files_are_clear_errors(tmp_path: Path) -> None:
         load_pretrained(net, pickled_module)
     resnet = tmp_path / "resnet50.pt"
     torch.save(nets.resnet50(spatial_dims=2, n_input_channels=3).state_dict(), resnet)
-    with pytest.raises(ConfigError, match="none of the .* tensors .* fits this network"):
+    with pytest.raises(ConfigError, match=r"none of the .* tensors .* fits this network"):
         load_pretrained(net, resnet)
 
 
