@@ -358,7 +358,8 @@ class EyeModel:
         for t in self.tasks:
             if not t.decides:
                 continue
-            logit = self.decision_logit(t, torch.as_tensor(outputs[t.name])).double().numpy()
+            raw = torch.as_tensor(outputs[t.name]).detach().cpu()
+            logit = self.decision_logit(t, raw).double().numpy()
             y = np.asarray(labels[t.name], dtype=np.float64)
             if t.kind == "ordinal":
                 assert t.refer_from is not None

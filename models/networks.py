@@ -45,7 +45,15 @@ def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.M
             "efficientnet-b0", pretrained=False, spatial_dims=2, in_channels=3, num_classes=features
         )
     if name == "resnet50":
-        return nets.resnet50(spatial_dims=2, n_input_channels=3, num_classes=features)
+        # torchvision's ResNet50: a stride-2 stem (MONAI defaults to 1, for volumes: 4x the
+        # compute) and no bias on the shortcut convolutions, so ImageNet weights fit
+        return nets.resnet50(
+            spatial_dims=2,
+            n_input_channels=3,
+            num_classes=features,
+            conv1_t_stride=2,
+            bias_downsample=False,
+        )
     if name == "vit-b16":
         return ViTFeatures(image_size, features)
     raise ConfigError(

@@ -11,6 +11,7 @@ from monai.visualize.class_activation_maps import default_upsampler
 
 from models.explain import explain
 from models.model import EyeModel, ModelSpec, model_inputs
+from models.networks import FUNDUS_NETWORKS
 from models.tasks import multitask_loss
 from preprocess.recipe import FundusRecipe, OctRecipe, Recipe
 from tests.models.lesions import lesion_images
@@ -126,3 +127,23 @@ def test_explaining_leaves_no_hooks_and_3d_maps_cover_the_volume() -> None:
     hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.net.modules())
     assert hooks == 0
     assert model.net.training  # the mode it had before
+
+
+@pytest.mark.parametrize("network", FUNDUS_NETWORKS)
+def test_every_fundus_network_explains_at_the_input_resolution(network: str) -> None:
+    spec = ModelSpec.from_dict(
+        {
+            "fundus_network": network,
+            "features": 16,
+            "tasks": [{"name": "dr_grade", "kind": "ordinal", "classes": 5, "refer_from": 2}],
+        }
+    )
+    torch.manual_seed(4)
+    model = EyeModel(spec, Recipe(fundus=FundusRecipe(size=64)))
+    images = np.random.default_rng(2).integers(0, 255, (2, 3, 64, 64), dtype=np.uint8)
+    maps = [e.heatmap for e in explain(model, model_inputs(spec, images), "dr_grade")]
+    for m in maps:
+        assert m.shape == (64, 64) and np.isfinite(m).all()
+        assert m.min() >= 0.0 and m.max() <= 1.0 + 1e-6
+    hooks = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.net.modules())
+    assert hooks == 0
