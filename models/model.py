@@ -234,7 +234,8 @@ def model_inputs(
 
     Fundus [B, 3, S, S] is scaled to 0-1 and standardised with ImageNet statistics; OCT
     [B, D, H, W] is scaled to -1..1 with a channel axis added. Age is standardised (a
-    missing age counts as the mean); sex is 1 for M, 0 for F, 0.5 when unknown."""
+    missing age counts as the mean); sex is 1 for M, 0 for F, 0.5 when unknown; with no
+    age or sex list at all, every sample counts as unknown."""
     out: dict[str, torch.Tensor] = {}
     if spec.uses_fundus and fundus is not None:
         f = torch.as_tensor(fundus).to(device).float() / 255.0
@@ -244,7 +245,11 @@ def model_inputs(
         out["oct"] = (o / 127.5 - 1.0)[:, None]
     if spec.clinical:
         columns = []
-        n = len(age) if age is not None else len(sex) if sex is not None else 0
+        images = list(out.values())
+        n = len(images[0]) if images else len(age) if age is not None else len(sex or [])
+        for values, name in ((age, "age"), (sex, "sex")):
+            if values is not None and len(values) != n:
+                raise DatasetError(f"{name} has {len(values)} values for a batch of {n}")
         for name in spec.clinical:
             if name == "age":
                 values = [

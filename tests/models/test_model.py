@@ -160,3 +160,13 @@ def test_the_shipped_model_configs_are_valid() -> None:
     for path in configs:
         spec = ModelSpec.from_dict(yaml.safe_load(path.read_text()))
         assert spec.tasks, path
+
+
+def test_clinical_inputs_default_to_unknown_and_must_match_the_batch() -> None:
+    spec = ModelSpec.from_dict(SPEC)
+    fundus = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    oct_ = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
+    x = model_inputs(spec, fundus, oct_)
+    assert x["clinical"].tolist() == [[0.0, 0.5]] * 3
+    with pytest.raises(DatasetError, match="age has 2 values for a batch of 3"):
+        model_inputs(spec, fundus, oct_, age=[50.0, 60.0])
