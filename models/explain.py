@@ -2,10 +2,9 @@
 resolution, and for the 2.5-D OCT network its attention over B-scans with Grad-CAM on
 the B-scan it weighted most.
 
-A map is the ReLU of the Grad-CAM of the task's decision score (binary: its logit;
-ordinal: the logit of referral, or of the summed grade logits without `refer_from`;
-regression: the standardised value), scaled so its maximum is 1 (0 stays "no evidence";
-MONAI's default normaliser would flip the scale). Hooks are removed after each call, so
+A map is the ReLU of the Grad-CAM of the task's `decision_score` (models/tasks.py),
+scaled so its maximum is 1 (0 stays "no evidence"; MONAI's default normaliser would flip
+the scale). Hooks are removed after each call, so
 explaining never slows later predictions.
 """
 
@@ -23,7 +22,7 @@ from torch import nn
 from eyehub.errors import ConfigError
 from models.model import EyeModel, EyeNet
 from models.networks import BScanAttention
-from models.tasks import TaskSpec
+from models.tasks import TaskSpec, decision_score
 
 
 @dataclass
@@ -79,11 +78,7 @@ class _TaskScore(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         image = self.place(x) if self.place is not None else x
         out = self.net(**{**self.others, self.image: image})[self.task.name]
-        if self.task.kind == "ordinal":
-            if self.task.refer_from is not None:
-                return out[:, self.task.refer_from - 1 : self.task.refer_from]
-            return out.sum(dim=1, keepdim=True)
-        return out[:, :1]
+        return decision_score(self.task, out)[:, None]
 
 
 def _gradcam(score: _TaskScore, layer: str, x: torch.Tensor) -> torch.Tensor:

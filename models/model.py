@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
@@ -49,12 +48,11 @@ from models.pretrained import LoadReport, load_pretrained
 from models.tasks import (
     MultiTaskHeads,
     TaskSpec,
+    decision_score,
     ordinal_cumulative,
     ordinal_probabilities,
 )
 from preprocess.recipe import Recipe, recipe_id
-
-log = logging.getLogger(__name__)
 
 FORMAT = "eyehub-model"
 FORMAT_VERSION = 1
@@ -65,6 +63,7 @@ WEIGHTS = "weights.pt"
 _RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 _AGE_MEAN, _AGE_STD = 60.0, 15.0
+_SEX_CODES = {"M": 1.0, "F": 0.0}  # anything else (unknown): 0.5
 
 
 class ModelSpec(Settings):
@@ -166,12 +165,12 @@ class EyeNet(nn.Module):
             layers["oct"] = "oct." + GRADCAM_LAYERS[self.spec.oct_network]
         return layers
 
-    def features(
+    def forward(
         self,
         fundus: torch.Tensor | None = None,
         oct: torch.Tensor | None = None,
         clinical: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    ) -> dict[str, torch.Tensor]:
         parts = []
         if self.fundus is not None:
             if fundus is None:
@@ -188,17 +187,7 @@ class EyeNet(nn.Module):
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self.fuse is not None:
             x = self.fuse(x)
-        return x
-
-    def forward(
-        self,
-        fundus: torch.Tensor | None = None,
-        oct: torch.Tensor | None = None,
-        clinical: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        result: dict[str, torch.Tensor] = self.heads(
-            self.dropout(self.features(fundus, oct, clinical))
-        )
+        result: dict[str, torch.Tensor] = self.heads(self.dropout(x))
         return result
 
 
@@ -220,6 +209,11 @@ def _check_shapes(spec: ModelSpec, recipe: Recipe) -> None:
                 f"recipe oct.shape {list(recipe.oct.shape)} is too small for {spec.oct_network}; "
                 f"it needs at least {list(need)} (B-scans, depth, A-scans)"
             )
+
+
+def _age_code(age: float | None) -> float:
+    """Standardised age; a missing one (None or NaN, which is not equal to itself) the mean."""
+    return 0.0 if age is None or age != age else (float(age) - _AGE_MEAN) / _AGE_STD
 
 
 def model_inputs(
@@ -250,16 +244,13 @@ def model_inputs(
         for values, name in ((age, "age"), (sex, "sex")):
             if values is not None and len(values) != n:
                 raise DatasetError(f"{name} has {len(values)} values for a batch of {n}")
+        ages = age if age is not None else [None] * n
+        sexes = sex if sex is not None else [None] * n
         for name in spec.clinical:
             if name == "age":
-                values = [
-                    0.0 if a is None or a != a else (float(a) - _AGE_MEAN) / _AGE_STD
-                    for a in (age if age is not None else [None] * n)
-                ]
+                columns.append([_age_code(a) for a in ages])
             else:
-                code = {"M": 1.0, "F": 0.0}
-                values = [code.get(str(s).upper(), 0.5) for s in (sex or [None] * n)]
-            columns.append(values)
+                columns.append([_SEX_CODES.get(str(s_).upper(), 0.5) for s_ in sexes])
         out["clinical"] = torch.tensor(columns, dtype=torch.float32, device=device).T
     return out
 
@@ -311,14 +302,6 @@ class EyeModel:
 
     # -- prediction ---------------------------------------------------------------------
 
-    def decision_logit(self, task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
-        """The logit of the task's yes/no question: binary's own, ordinal P(y >= refer)."""
-        if task.kind == "binary":
-            return output[:, 0]
-        if task.refer_from is None:
-            raise ConfigError(f"task {task.name!r} makes no decision (set refer_from)")
-        return output[:, task.refer_from - 1]
-
     @torch.no_grad()
     def predict(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, dict[str, np.ndarray]]:
         """Calibrated predictions per task, for a batch of network inputs:
@@ -343,7 +326,7 @@ class EyeModel:
                     cumulative = ordinal_cumulative(out / temperature)
                     entry["probability"] = cumulative[:, t.refer_from - 1].cpu().numpy()
             if t.kind == "binary":
-                logit = self.decision_logit(t, out).cpu().numpy()
+                logit = decision_score(t, out).cpu().numpy()
                 entry["probability"] = calibrated_probability(logit, temperature)
             if "probability" in entry and t.name in self.thresholds:
                 entry["refer"] = entry["probability"] >= self.thresholds[t.name].value
@@ -364,7 +347,7 @@ class EyeModel:
             if not t.decides:
                 continue
             raw = torch.as_tensor(outputs[t.name]).detach().cpu()
-            logit = self.decision_logit(t, raw).double().numpy()
+            logit = decision_score(t, raw).double().numpy()
             y = np.asarray(labels[t.name], dtype=np.float64)
             if t.kind == "ordinal":
                 assert t.refer_from is not None
@@ -417,7 +400,7 @@ class EyeModel:
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> EyeModel:
-        """Read a model directory written by `save`; its pretrained paths are not reread."""
+        """Read a model directory written by `save`."""
         path = Path(path)
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
@@ -437,13 +420,12 @@ class EyeModel:
         if not weights.is_file() or _sha256(weights) != manifest.get("weights_sha256"):
             raise DatasetError(f"{weights} is missing or does not match the model's manifest")
         spec = ModelSpec.from_dict(manifest["spec"])
-        spec = spec.model_copy(update={"pretrained": None, "oct_pretrained": None})
         recipe = Recipe.from_dict(manifest["recipe"])
-        net = EyeNet(spec, recipe)
+        net = EyeNet(spec, recipe)  # built bare: its pretrained files are not reread
         net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         net.to(device).eval()
         model = cls(
-            ModelSpec.from_dict(manifest["spec"]),
+            spec,
             recipe,
             net,
             {k: float(v) for k, v in manifest["temperatures"].items()},

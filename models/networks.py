@@ -84,9 +84,10 @@ class ViTFeatures(nn.Module):
     def __init__(self, image_size: int, features: int) -> None:
         super().__init__()
         if image_size % VIT_PATCH:
+            nearest = max(1, image_size // VIT_PATCH) * VIT_PATCH
             raise ConfigError(
                 f"vit-b16 needs an image size divisible by {VIT_PATCH}; the recipe gives "
-                f"{image_size} (set preprocess fundus.size to, say, {image_size // 16 * 16})"
+                f"{image_size} (set preprocess fundus.size to, say, {nearest})"
             )
         self.vit = nets.ViT(
             in_channels=3,

@@ -73,6 +73,17 @@ class CoralHead(nn.Module):
         return self.linear(x) + self.biases  # (B, K-1) logits of P(y > k)
 
 
+def decision_score(task: TaskSpec, output: torch.Tensor) -> torch.Tensor:
+    """The one number per sample (B,) that a task's decision and its explanation follow:
+    binary its logit; ordinal with `refer_from` the logit of P(y >= refer_from), without it
+    the summed CORAL logits (rising with the grade); regression the standardised value."""
+    if task.kind == "ordinal":
+        if task.refer_from is not None:
+            return output[:, task.refer_from - 1]
+        return output.sum(dim=1)
+    return output[:, 0]
+
+
 def ordinal_cumulative(logits: torch.Tensor) -> torch.Tensor:
     """P(y > k) for k = 0..K-2 from CORAL logits, made monotone (a running minimum, which
     CORAL's ordered biases already give up to rounding)."""
