@@ -9,9 +9,13 @@ the previous one.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import hashlib
 import json
+import types
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eyehub.labels import check_label_columns
+from eyehub.reasons import QUARANTINE_REASONS, check_reason
 from eyehub.storage import atomic_path, write_text_atomic
 from ingest.store import iter_scans
 
@@ -26,30 +32,88 @@ CATALOG = "catalog.parquet"
 QUARANTINE = "quarantine.parquet"
 STATE = ".ingest"
 LABELS = "labels.parquet"
+LABEL_KEYS = ("patient_id", "eye", "study_date")  # how labels join to scans
 
-CATALOG_SCHEMA = pa.schema(
-    [
-        ("scan_id", pa.string()),
-        ("patient_id", pa.string()),
-        ("eye", pa.string()),
-        ("modality", pa.string()),
-        ("sop_class_uid", pa.string()),
-        ("shape", pa.list_(pa.int64())),
-        ("axes", pa.string()),
-        ("dtype", pa.string()),
-        ("spacing_mm", pa.list_(pa.float64())),
-        ("manufacturer", pa.string()),
-        ("model", pa.string()),
-        ("acquisition_date", pa.date32()),
-        ("study_date", pa.date32()),
-        ("study_uid", pa.string()),
-        ("transfer_syntax_uid", pa.string()),
-        ("lossy", pa.bool_()),
-        ("fov_fraction", pa.float64()),
-        ("linked_scan_ids", pa.list_(pa.string())),
-        ("source_sha256", pa.string()),
-    ]
-)
+@dataclass(frozen=True)
+class CatalogRow:
+    """One scan's row of `catalog.parquet`, before the labels are joined: the one
+    definition of the catalog's columns (the Parquet schema is derived from it).
+
+    Ingest stores each scan's row in the scan's own attributes (dates as ISO text), so the
+    catalog can be rebuilt from the store; `from_stored` reads it back."""
+
+    scan_id: str
+    patient_id: str  # keyed pseudonym
+    eye: str  # R | L
+    modality: str  # fundus | oct
+    sop_class_uid: str | None
+    shape: list[int]
+    axes: str  # "cyx" (fundus) | "zyx" (OCT: B-scan, depth, A-scan)
+    dtype: str
+    spacing_mm: list[float] | None
+    manufacturer: str | None
+    model: str | None
+    acquisition_date: dt.date | None  # shifted
+    study_date: dt.date | None  # shifted
+    study_uid: str | None  # pseudonymised
+    transfer_syntax_uid: str | None
+    lossy: bool
+    # fundus: share of the photograph kept by Clean Pixel Data (the lit region's convex
+    # hull; everything outside it was zeroed). Not the circle preprocess fits: see
+    # `fov_fraction` in the prepared index.
+    fov_mask_fraction: float | None
+    linked_scan_ids: list[str]  # scan_ids this scan references (OCT -> its fundus)
+    source_sha256: str
+
+    def to_stored(self) -> dict[str, Any]:
+        """The row as JSON (dates as ISO text), as stored in the scan's attributes."""
+        row = dataclasses.asdict(self)
+        for name in _DATE_COLUMNS:
+            if row[name] is not None:
+                row[name] = row[name].isoformat()
+        return row
+
+    @classmethod
+    def from_stored(cls, row: dict[str, Any]) -> CatalogRow:
+        values: dict[str, Any] = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        for name in _DATE_COLUMNS:
+            if isinstance(values[name], str):
+                values[name] = dt.date.fromisoformat(values[name])
+        if values["fov_mask_fraction"] is None:  # datasets written before the rename
+            values["fov_mask_fraction"] = row.get("fov_fraction")
+        values["lossy"] = bool(values["lossy"])
+        values["linked_scan_ids"] = list(values["linked_scan_ids"] or [])
+        return cls(**values)
+
+
+_ARROW_TYPES: dict[Any, pa.DataType] = {
+    str: pa.string(),
+    int: pa.int64(),
+    float: pa.float64(),
+    bool: pa.bool_(),
+    dt.date: pa.date32(),
+    list[int]: pa.list_(pa.int64()),
+    list[float]: pa.list_(pa.float64()),
+    list[str]: pa.list_(pa.string()),
+}
+
+
+def _arrow_schema(cls: type) -> pa.Schema:
+    hints = typing.get_type_hints(cls)
+    fields = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        nullable = isinstance(hint, types.UnionType) and len(args) == 1
+        base = args[0] if nullable else hint
+        fields.append(pa.field(f.name, _ARROW_TYPES[base], nullable=True))
+    return pa.schema(fields)
+
+
+_DATE_COLUMNS = ("acquisition_date", "study_date")
+CATALOG_SCHEMA = _arrow_schema(CatalogRow)
+CATALOG_COLUMNS = tuple(CATALOG_SCHEMA.names)
+
 QUARANTINE_SCHEMA = pa.schema(
     [
         ("source_path", pa.string()),
@@ -76,6 +140,7 @@ def _record_name(source_path: str) -> str:
 def record_quarantine(
     dataset: Path, source_path: str, reason: str, detail: str, sha256: str | None
 ) -> None:
+    check_reason(reason, QUARANTINE_REASONS)
     folder = _quarantine_dir(dataset)
     folder.mkdir(parents=True, exist_ok=True)
     record = {
@@ -123,30 +188,32 @@ def load_labels(dataset: Path) -> pd.DataFrame | None:
 
 
 def rebuild_catalog(dataset: Path) -> pd.DataFrame:
-    """Write `catalog.parquet` from the stored scans and the saved labels; returns it."""
-    rows = [attrs["eyehub"]["catalog"] for _, attrs in iter_scans(dataset)]
-    base = pa.Table.from_pylist(
-        [{k: _coerce(k, r.get(k)) for k in CATALOG_SCHEMA.names} for r in rows],
-        schema=CATALOG_SCHEMA,
-    )
+    """Write `catalog.parquet` from the stored scans and the saved labels; returns it.
+
+    Columns: `CatalogRow`'s, then the label columns (each known to the label registry)."""
+    rows = [CatalogRow.from_stored(attrs["eyehub"]["catalog"]) for _, attrs in iter_scans(dataset)]
+    base = pa.Table.from_pylist([dataclasses.asdict(r) for r in rows], schema=CATALOG_SCHEMA)
     catalog = base.to_pandas()
     labels = load_labels(dataset)
-    if labels is not None and len(labels.columns) > 3:
-        labels = labels.copy()
-        labels["study_date"] = pd.to_datetime(labels["study_date"]).dt.date
-        catalog["study_date"] = pd.to_datetime(catalog["study_date"]).dt.date
-        catalog = catalog.merge(labels, on=["patient_id", "eye", "study_date"], how="left")
+    if labels is not None:
+        label_columns = check_label_columns(labels.columns[len(LABEL_KEYS) :], "the labels file")
+        if label_columns:
+            labels = labels.copy()
+            labels["study_date"] = pd.to_datetime(labels["study_date"]).dt.date
+            catalog["study_date"] = pd.to_datetime(catalog["study_date"]).dt.date
+            catalog = catalog.merge(labels, on=list(LABEL_KEYS), how="left")
     catalog = catalog.sort_values("scan_id").reset_index(drop=True)
     table = pa.Table.from_pandas(catalog, preserve_index=False)
-    for name in ("acquisition_date", "study_date"):
-        idx = table.schema.get_field_index(name)
-        table = table.set_column(idx, name, table.column(name).cast(pa.date32()))
+    for field in CATALOG_SCHEMA:  # the contract's types, whatever pandas made of them
+        idx = table.schema.get_field_index(field.name)
+        table = table.set_column(idx, field, table.column(field.name).cast(field.type))
     _atomic_write(table, dataset / CATALOG)
     return catalog
 
 
-def _coerce(name: str, value: Any) -> Any:
-    """Stored rows keep dates as ISO text (JSON); the table wants dates."""
-    if name in ("acquisition_date", "study_date") and isinstance(value, str):
-        return dt.date.fromisoformat(value)
-    return value
+def label_columns(catalog: pd.DataFrame) -> list[str]:
+    """The label columns of a catalog (or a table that carries its columns): every column
+    that is not the catalog's own; one the label registry does not know is refused."""
+    return check_label_columns(
+        [c for c in catalog.columns if c not in CATALOG_COLUMNS], "the catalog"
+    )

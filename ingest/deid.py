@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.valuerep import DA
 
 from eyehub.errors import InputError
 from ingest.keys import HubKey
@@ -66,13 +67,15 @@ class Deidentified:
 
 
 def _parse_da(value: Any) -> dt.date | None:
-    text = str(value or "").strip()[:8]
-    if len(text) != 8 or not text.isdigit():
-        return None
+    """A DICOM DA value (pydicom's parser; also the old ACR-NEMA YYYY.MM.DD) as a date."""
+    if isinstance(value, dt.date):
+        return dt.date(value.year, value.month, value.day)
+    text = str(value or "").strip()
     try:
-        return dt.date(int(text[:4]), int(text[4:6]), int(text[6:8]))
-    except ValueError:
+        parsed = DA(text) if text else None
+    except (ValueError, TypeError):
         return None
+    return None if parsed is None else dt.date(parsed.year, parsed.month, parsed.day)
 
 
 def _plain(value: Any) -> Any:

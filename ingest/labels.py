@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from eyehub.errors import NotFoundError, UsageError
+from eyehub.errors import DatasetError, NotFoundError, UsageError
+from eyehub.labels import LABELS, check_label_columns
 from ingest.keys import HubKey
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,12 @@ def read_labels(path: Path, key: HubKey) -> pd.DataFrame:
             f"labels file {path} lacks the column(s) {', '.join(missing)}; it must be keyed "
             "by mrn, eye and study_date"
         )
-    label_cols = [c for c in raw.columns if c not in KEY_COLUMNS]
+    try:
+        label_cols = check_label_columns(
+            [c for c in raw.columns if c not in KEY_COLUMNS], f"labels file {path}"
+        )
+    except DatasetError as exc:
+        raise UsageError(str(exc)) from None
     records = []
     bad_lines = []
     for i, row in enumerate(raw.itertuples(index=False), start=2):
@@ -87,6 +93,12 @@ def read_labels(path: Path, key: HubKey) -> pd.DataFrame:
         table = table[~dupes]
     for col in label_cols:
         table[col] = _typed(table[col])
+        bad = LABELS[col].invalid_count(table[col])
+        if bad:
+            raise UsageError(
+                f"labels file {path}: column '{col}' has {bad} value(s) that a "
+                f"{LABELS[col].kind} label cannot take; it takes {LABELS[col].allowed()}"
+            )
     return table.reset_index(drop=True)
 
 

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ByteSize, TypeAdapter, ValidationError
+
 from eyehub.compute import start_ray
 from eyehub.errors import NotFoundError, UsageError
 from eyehub.settings import Settings
@@ -33,6 +35,7 @@ from ingest.catalog import (
     save_labels,
 )
 from ingest.convert import convert_batch
+from ingest.kernel import DEFAULT_MAX_DECODED_BYTES
 from ingest.keys import HubKey
 from ingest.labels import read_labels
 from ingest.store import clean_staging, open_store, scan_path
@@ -40,7 +43,6 @@ from ingest.store import clean_staging, open_store, scan_path
 log = logging.getLogger(__name__)
 
 SOURCE_INDEX = "sources.json"
-DEFAULT_MAX_DECODED_BYTES = 4 * 2**30
 
 
 class IngestSettings(Settings):
@@ -60,10 +62,6 @@ class IngestSummary:
     quarantined: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     decoded_bytes: int = 0
-    peak_worker_rss_bytes: int = 0
-    # the most one file raised its worker's memory above what the worker held before it
-    peak_file_memory_bytes: int = 0
-    peak_file_memory_decoded_bytes: int = 0  # the decoded size of that file
     catalog_rows: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray nodes that converted files
 
@@ -73,34 +71,19 @@ class IngestSummary:
 
 
 def parse_size(text: str | int) -> int:
-    """'4GiB', '500MB', '1073741824' -> bytes."""
-    if isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "K": 10**3,
-        "KB": 10**3,
-        "M": 10**6,
-        "MB": 10**6,
-        "G": 10**9,
-        "GB": 10**9,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "T": 10**12,
-        "TIB": 2**40,
-    }
-    s = str(text).strip().upper().replace(" ", "")
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num) :]
+    """'4GiB', '500MB', '1073741824' -> bytes (pydantic's ByteSize reads the units)."""
     try:
-        value = float(num)
-    except ValueError:
-        raise UsageError(f"--max-decoded-bytes: cannot read {text!r} as a size") from None
-    if unit not in units or value <= 0:
-        raise UsageError(f"--max-decoded-bytes: cannot read {text!r} as a size (e.g. 4GiB)")
-    return int(value * units[unit])
+        value = int(_SIZE.validate_python(text))
+    except ValidationError:
+        raise UsageError(
+            f"--max-decoded-bytes: cannot read {text!r} as a size (e.g. 4GiB)"
+        ) from None
+    if value <= 0:
+        raise UsageError(f"--max-decoded-bytes must be above zero (got {text!r})")
+    return value
+
+
+_SIZE = TypeAdapter(ByteSize)
 
 
 def walk_sources(sources: Iterable[Path], exclude: Path) -> list[Path]:
@@ -243,9 +226,10 @@ def run_ingest(
                             {
                                 "path": p,
                                 "outcome": "quarantined",
-                                "reason": "unreadable",
-                                "detail": f"the worker reading it failed "
-                                f"({type(exc).__name__}); try again with fewer --workers.",
+                                "reason": "worker_lost",
+                                "detail": f"the worker converting it died "
+                                f"({type(exc).__name__}); run the ingest again, with fewer "
+                                "--workers if it was killed for memory.",
                                 "sha256": None,
                             }
                             for p in batch
@@ -287,12 +271,10 @@ def _account(
     else:
         summary.quarantined[res["reason"]] += 1
         record_quarantine(dataset, path, res["reason"], res["detail"], res.get("sha256"))
-        log.warning("quarantined %s: %s", path, res["reason"])
-    summary.peak_worker_rss_bytes = max(summary.peak_worker_rss_bytes, res.get("peak_rss_bytes", 0))
-    growth = res.get("memory_growth_bytes") or 0
-    if growth > summary.peak_file_memory_bytes:
-        summary.peak_file_memory_bytes = growth
-        summary.peak_file_memory_decoded_bytes = res.get("decoded_bytes", 0)
+        if res["reason"] == "internal_error":
+            log.error("internal error converting %s:\n%s", path, res.get("traceback", ""))
+        else:
+            log.warning("quarantined %s: %s", path, res["reason"])
     if "size" in res:
         index[path] = {
             "size": res["size"],

@@ -125,10 +125,24 @@ def fov_fraction(fov: FieldOfView, height: int, width: int) -> torch.Tensor:
 
 def crop_to_fov(images: torch.Tensor, fov: FieldOfView, size: int) -> torch.Tensor:
     """Crop the square around each FOV (zero-padded where it leaves the image) and resize
-    to `size`, with area pre-averaging so large photographs do not alias."""
+    to `size`, with area pre-averaging so large photographs do not alias. Each image's
+    pre-averaging factor follows its own FOV, so an image is prepared the same whatever
+    batch it is in."""
+    factors = [max(1, math.floor(float(2 * r) / size)) for r in fov.radius.tolist()]
+    out = torch.empty(
+        images.shape[0], images.shape[1], size, size, device=images.device, dtype=torch.float32
+    )
+    for k in sorted(set(factors)):
+        idx = [i for i, f in enumerate(factors) if f == k]
+        sel = torch.tensor(idx, device=images.device)
+        part = FieldOfView(fov.cx[sel], fov.cy[sel], fov.radius[sel], fov.found[sel])
+        out[sel] = _crop(images[sel], part, size, k)
+    return out
+
+
+def _crop(images: torch.Tensor, fov: FieldOfView, size: int, k: int) -> torch.Tensor:
     b = images.shape[0]
     x = images.float()
-    k = int(max(1, math.floor(float((2 * fov.radius).min()) / size)))
     if k > 1:
         x = F.avg_pool2d(x, k, k, ceil_mode=True)
     hk, wk = x.shape[-2:]

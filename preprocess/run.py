@@ -30,9 +30,9 @@ import zarr
 from eyehub.compute import start_ray
 from eyehub.errors import DatasetError, UsageError
 from eyehub.storage import atomic_path, chunk_codec, write_text_atomic
-from ingest import CATALOG, read_pixels
-from preprocess.fundus import prepare_fundus
-from preprocess.oct import prepare_oct
+from ingest.catalog import CATALOG, label_columns
+from ingest.store import read_pixels
+from preprocess.kernel import PreparedScan, prepare_scans
 from preprocess.recipe import Recipe, recipe_id
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,16 @@ def resolve_device(device: str) -> str:
     return device
 
 
+@dataclass
+class _StoredScan:
+    modality: str
+    pixels: np.ndarray
+    spacing_mm: tuple[float, ...] | None
+
+
 class Preparer:
-    """The Ray Data actor: read scans from the store, prepare, write their rows."""
+    """The Ray Data actor: read a batch of scans from the store, call the preparation
+    kernel (`preprocess.kernel.prepare_scans`), write each scan's row and result file."""
 
     def __init__(self, dataset: str, rid: str, recipe: dict[str, Any], device: str) -> None:
         self.dataset = Path(dataset)
@@ -78,92 +86,33 @@ class Preparer:
         }
         self.results = self.dataset / PREPARED / f"{rid}.state" / "results"
 
-    def _pixels(self, scan_id: str) -> np.ndarray:
-        return read_pixels(self.dataset, scan_id)
-
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        done = []
         items = [
             dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)
         ]
-        fundus = [it for it in items if it["modality"] == "fundus"]
-        # photographs of one size go through the kernels together
-        by_shape: dict[tuple[int, ...], list[tuple[dict[str, Any], np.ndarray]]] = {}
-        for it in fundus:
-            try:
-                px = self._pixels(it["scan_id"])
-                by_shape.setdefault(px.shape, []).append((it, px))
-            except Exception as exc:
-                done.append(
-                    self._finish(
-                        it, {"gradable": False, "reason": f"unreadable_{type(exc).__name__}"}
-                    )
-                )
-        for group in by_shape.values():
-            images = torch.from_numpy(np.stack([px for _, px in group])).to(self.device)
-            if images.dtype == torch.uint16:
-                images = images.float() / 257.0
-            out = prepare_fundus(images, self.recipe.fundus)
-            prepared = out.images.cpu().numpy()
-            for i, (it, _) in enumerate(group):
-                self.arrays["fundus"][int(it["row"])] = prepared[i]
-                done.append(
-                    self._finish(
-                        it,
-                        {
-                            "fov_cx": float(out.fov.cx[i]),
-                            "fov_cy": float(out.fov.cy[i]),
-                            "fov_radius": float(out.fov.radius[i]),
-                            "fov_fraction": float(out.quality.fov_fraction[i]),
-                            "sharpness": float(out.quality.sharpness[i]),
-                            "illumination": float(out.quality.illumination[i]),
-                            "unevenness": float(out.quality.unevenness[i]),
-                            "gradable": out.reasons[i] is None,
-                            "reason": out.reasons[i],
-                        },
-                    )
-                )
+        readable: list[tuple[dict[str, Any], _StoredScan]] = []
+        done: list[tuple[dict[str, Any], PreparedScan]] = []
         for it in items:
-            if it["modality"] != "oct":
-                continue
             try:
-                px = self._pixels(it["scan_id"])
-                spacing = tuple(float(s) for s in it["spacing_mm"])
-                if px.ndim != 3 or len(spacing) != 3 or min(px.shape) < 2:
-                    raise ValueError("not a volume")
-                maxv = 65535.0 if px.dtype == np.uint16 else 255.0
-                res = prepare_oct(
-                    torch.from_numpy(px.astype(np.float32)).to(self.device),
-                    spacing,
-                    self.recipe.oct,
-                    maxv,
-                )
-                self.arrays["oct"][int(it["row"])] = res.volume.cpu().numpy()
-                done.append(
-                    self._finish(
-                        it,
-                        {
-                            "oct_signal": res.quality.signal,
-                            "empty_share": res.quality.empty_share,
-                            "saturated_share": res.quality.saturated_share,
-                            "central_bscan": res.central_bscan,
-                            "gradable": res.reason is None,
-                            "reason": res.reason,
-                        },
-                    )
-                )
-            except Exception as exc:  # a bad scan is marked, never stops the run
-                done.append(
-                    self._finish(
-                        it, {"gradable": False, "reason": f"unreadable_{type(exc).__name__}"}
-                    )
-                )
+                pixels = read_pixels(self.dataset, it["scan_id"])
+            except Exception:  # a damaged or removed array: marked, never stops the run
+                done.append((it, PreparedScan(it["modality"], None, _UNREADABLE)))
+                continue
+            spacing = tuple(float(s) for s in it["spacing_mm"]) or None
+            readable.append((it, _StoredScan(it["modality"], pixels, spacing)))
+        prepared = prepare_scans([scan for _, scan in readable], self.recipe, self.device)
+        done += [(it, res) for (it, _), res in zip(readable, prepared, strict=True)]
+        for it, res in done:
+            if res.tensor is not None:
+                self.arrays[res.modality][int(it["row"])] = res.tensor
+            self._finish(it, res.record)
         return {
-            "scan_id": np.array([d["scan_id"] for d in done]),
-            "gradable": np.array([d["gradable"] for d in done]),
+            "scan_id": np.array([it["scan_id"] for it, _ in done]),
+            "gradable": np.array([res.gradable for _, res in done]),
+            "traceback": np.array([res.traceback or "" for _, res in done]),
         }
 
-    def _finish(self, item: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
+    def _finish(self, item: dict[str, Any], values: dict[str, Any]) -> None:
         record = {
             "scan_id": item["scan_id"],
             "modality": item["modality"],
@@ -172,7 +121,9 @@ class Preparer:
         }
         # the scan's completion mark, written after its row
         write_text_atomic(self.results / f"{item['scan_id']}.json", json.dumps(record))
-        return record
+
+
+_UNREADABLE = {"gradable": False, "reason": "store_unreadable"}
 
 
 def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> dict[str, int]:
@@ -182,15 +133,15 @@ def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> d
     (state / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1), encoding="utf-8")
     rows_file = state / "rows.json"
     rows: dict[str, int] = json.loads(rows_file.read_text()) if rows_file.exists() else {}
-    counts = {
-        m: sum(1 for r in rows if r in set(catalog.scan_id[catalog.modality == m]))
-        for m in ("fundus", "oct")
-    }
+    counts = {}
     for modality in ("fundus", "oct"):
-        for scan_id in sorted(catalog.scan_id[catalog.modality == modality]):
-            if scan_id not in rows:
-                rows[scan_id] = counts[modality]
-                counts[modality] += 1
+        scan_ids = set(catalog.scan_id[catalog.modality == modality])
+        taken = [rows[s] for s in scan_ids if s in rows]
+        # new scans go after every row this modality has used (rows are never reused)
+        counts[modality] = max(taken, default=-1) + 1
+        for scan_id in sorted(scan_ids - rows.keys()):
+            rows[scan_id] = counts[modality]
+            counts[modality] += 1
     write_text_atomic(rows_file, json.dumps(rows))
     root = zarr.open_group(dataset / PREPARED / f"{rid}.zarr", mode="a", zarr_format=3)
     root.attrs.update({"eyehub": {"recipe_id": rid, "recipe": recipe.to_dict()}})
@@ -234,6 +185,7 @@ def run_preprocess(
         raise DatasetError(f"{dataset} has no {CATALOG}: run `eyehub ingest` first")
     device = resolve_device(device)
     catalog = pd.read_parquet(catalog_path)
+    label_columns(catalog)  # a column the label registry does not know: refused up front
     rid = recipe_id(recipe)
     summary = PreprocessSummary(recipe_id=rid, scans=len(catalog), device=device)
     rows = _layout(dataset, rid, recipe, catalog)
@@ -278,6 +230,9 @@ def run_preprocess(
             )
             n = summary.already_done
             for batch in prepared.iter_batches(batch_size=None):
+                for scan_id, tb in zip(batch["scan_id"], batch["traceback"], strict=True):
+                    if tb:
+                        log.error("internal error preparing scan %s:\n%s", scan_id, tb)
                 summary.prepared += len(batch["scan_id"])
                 n += len(batch["scan_id"])
                 if on_progress:
@@ -300,29 +255,9 @@ def _write_index(dataset: Path, rid: str, catalog: pd.DataFrame) -> Path:
         for p in sorted((dataset / PREPARED / f"{rid}.state" / "results").glob("*.json"))
     ]
     table = pd.DataFrame.from_records(results)
+    table = table[table.scan_id.isin(catalog.scan_id)]  # scans since removed from the catalog
     keep = ["scan_id", "patient_id", "eye", "study_date", "study_uid", "linked_scan_ids"]
-    labels = [
-        c
-        for c in catalog.columns
-        if c
-        not in {
-            "modality",
-            "sop_class_uid",
-            "shape",
-            "axes",
-            "dtype",
-            "spacing_mm",
-            "manufacturer",
-            "model",
-            "acquisition_date",
-            "transfer_syntax_uid",
-            "lossy",
-            "fov_fraction",
-            "source_sha256",
-        }
-        and c not in keep
-    ]
-    merged = table.merge(catalog[keep + labels], on="scan_id", how="left")
+    merged = table.merge(catalog[keep + label_columns(catalog)], on="scan_id", how="left")
     merged = merged.sort_values(["modality", "row"]).reset_index(drop=True)
     path = dataset / PREPARED / f"{rid}.parquet"
     with atomic_path(path) as tmp:

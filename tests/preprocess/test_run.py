@@ -72,7 +72,7 @@ def test_a_new_recipe_never_touches_another_and_bad_scans_do_not_stop_it(dataset
         "scan_id"
     )
     assert index.loc[black, "reason"] == "no_fov" and not index.loc[black, "gradable"]
-    assert str(index.loc[broken, "reason"]).startswith("unreadable")
+    assert index.loc[broken, "reason"] == "store_unreadable"
 
 
 @pytest.mark.slow
