@@ -3,7 +3,8 @@
 Fundus 2048 x 1536 -> 512 with FOV crop, mask and Graham normalisation, images/s:
 eyehub's batched torch kernels against a straightforward per-image OpenCV implementation
 of the same steps, both on the same cores. OCT volumes/s for the default recipe.
-Target (preprocess issue): >= 1x OpenCV on 2 CPU cores.
+Target (preprocess issue): >= 1x OpenCV on 2 CPU cores. Also the time of a rerun with
+nothing left to do at 5k and 20k scans (the bookkeeping must grow linearly).
 
     .venv/bin/python bench/bench_preprocess.py [--images 64] [--device cpu|cuda]
 """
@@ -11,18 +12,23 @@ Target (preprocess issue): >= 1x OpenCV on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
+import json
 import multiprocessing as mp
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from eyehub.synth.fundus import render_fundus
 from eyehub.synth.oct import OctGeometry, render_oct
 from eyehub.synth.phenotype import make_patient
-from preprocess import FundusRecipe, OctRecipe, prepare_fundus, prepare_oct
+from preprocess import FundusRecipe, OctRecipe, Recipe, prepare_fundus, prepare_oct, recipe_id
 
 SIZE = 512
 
@@ -68,13 +74,64 @@ def _images(n: int) -> list[np.ndarray]:
     return out
 
 
+def rerun_seconds(rows: int, work: Path) -> tuple[float, float]:
+    """A rerun over a dataset of `rows` scans that are all prepared already: (seconds of
+    the whole `run_preprocess`, seconds of its row layout). No scan is read; this is the
+    bookkeeping a rerun costs, which must grow linearly with the catalog."""
+    from ingest.catalog import CATALOG_SCHEMA
+    from preprocess.run import PREPARED, _layout, run_preprocess
+
+    dataset = work / f"rerun-{rows}"
+    recipe = Recipe(fundus=FundusRecipe(size=64), oct=OctRecipe(shape=(4, 32, 32)))
+    rid = recipe_id(recipe)
+    ids = [f"S{i:08d}" for i in range(rows)]
+    modality = ["fundus" if i % 2 == 0 else "oct" for i in range(rows)]
+    table = pa.Table.from_pydict(
+        {
+            f.name: {"scan_id": ids, "modality": modality, "patient_id": ids}.get(
+                f.name, [None] * rows
+            )
+            for f in CATALOG_SCHEMA
+        },
+        schema=CATALOG_SCHEMA,
+    )
+    dataset.mkdir(parents=True)
+    pq.write_table(table, dataset / "catalog.parquet")
+    catalog = table.to_pandas()
+    _layout(dataset, rid, recipe, catalog)  # the first run's layout
+    results = dataset / PREPARED / f"{rid}.state" / "results"
+    rows_map = json.loads((dataset / PREPARED / f"{rid}.state" / "rows.json").read_text())
+    for scan_id, m in zip(ids, modality, strict=True):
+        record = {"scan_id": scan_id, "modality": m, "row": rows_map[scan_id]}
+        record.update(gradable=True, reason=None)
+        (results / f"{scan_id}.json").write_text(json.dumps(record))
+    t = time.perf_counter()
+    _layout(dataset, rid, recipe, catalog)
+    layout_s = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = run_preprocess(dataset, recipe, device="cpu")
+    total_s = time.perf_counter() - t
+    assert summary.prepared == 0 and summary.already_done == rows
+    return total_s, layout_s
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--rerun-rows", type=int, nargs="*", default=[5000, 20000], help="rerun cases"
+    )
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="eyehub-bench-preprocess-") as tmp:
+        for rows in args.rerun_rows:
+            total_s, layout_s = rerun_seconds(rows, Path(tmp))
+            print(
+                f"rerun with nothing to do, {rows} scans: {total_s:.2f} s "
+                f"(row layout {layout_s:.3f} s)"
+            )
     torch.set_num_threads(args.threads)
     images = _images(args.images)
     print(

@@ -1,4 +1,4 @@
-"""The dataset directory keeps the contract (ARCHITECTURE.md, "The dataset directory")."""
+"""The dataset directory keeps the contract (docs/architecture.md, "The dataset directory")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Nothing that identifies a patient leaves ingest: every byte written is searched for the
-identifiers the synthetic cohort planted (ARCHITECTURE.md, "Privacy")."""
+identifiers the synthetic cohort planted (docs/architecture.md, "Privacy")."""
 
 from __future__ import annotations
 
