@@ -11,11 +11,9 @@ scoring calls `load_scan` on a clinician's file, so a scan is decoded, ordered a
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -46,8 +44,7 @@ def fundus_pixels(info: ScanInfo) -> tuple[np.ndarray, float]:
 def oct_frames(source: Path | bytes, info: ScanInfo) -> Iterator[np.ndarray]:
     """An inspected OCT's B-scans one at a time, in stored order (`info.order[k]` is the
     stored frame at anatomical position k)."""
-    stream: Path | BinaryIO = source if isinstance(source, Path) else io.BytesIO(source)
-    return iter_oct_frames(stream, info)  # type: ignore[arg-type]
+    return iter_oct_frames(source, info)
 
 
 def oct_shape(info: ScanInfo) -> tuple[tuple[int, int, int], np.dtype]:
