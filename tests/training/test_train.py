@@ -1,0 +1,185 @@
+"""`run_training` end to end on the small cohort: real Ray Train, real MLflow (SQLite),
+real checkpoints; a killed worker, a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+
+from eyehub.errors import DatasetError
+from ingest.run import IngestSummary
+from training.config import load_train_config
+from training.run import TrainingError, TrainSettings, run_training
+
+# tasks with positives in a 24-patient cohort's validation and test splits
+TASKS = "model.tasks=[referable_dr, {name: dr_grade, refer_from: 2}, age, sex, null_control]"
+FAST = [
+    TASKS,
+    "model.features=64",
+    "training.batch_size=8",
+    "evaluation.bootstrap=50",
+    "evaluation.min_group_size=5",
+    "evaluation.min_group_positives=2",
+    "split.val=0.3",
+    "split.test=0.3",
+]
+
+
+@pytest.fixture
+def dataset(ingested: tuple[Path, IngestSummary], tmp_path: Path) -> Path:
+    copy = tmp_path / "ds"
+    shutil.copytree(ingested[0], copy)
+    return copy
+
+
+def _config(*extra: str) -> object:
+    return load_train_config("fundus_demo", [*FAST, *extra])
+
+
+@pytest.mark.slow
+def test_a_run_registers_a_calibrated_model_with_its_full_record(
+    dataset: Path, tmp_path: Path, small_cohort: Path
+) -> None:
+    home = tmp_path / "home"
+    progress: list[dict[str, object]] = []
+    summary = run_training(
+        _config("training.epochs=2"),  # type: ignore[arg-type]
+        dataset,
+        TrainSettings(home=home, workers=1),
+        on_progress=progress.append,
+    )
+    assert summary.model_name == "eyehub-fundus_demo" and summary.model_version == "1"
+    assert summary.epochs == 2
+    assert any("loss" in p for p in progress)
+    assert any("val/referable_dr/auroc" in p for p in progress)
+    client = mlflow.MlflowClient(summary.tracking_uri)
+    run = client.get_run(summary.run_id)
+    metrics = run.data.metrics
+    for key in (
+        "test/referable_dr/auroc",
+        "test/referable_dr/auroc/ci_low",
+        "test/referable_dr/auroc/ci_high",
+        "test/dr_grade/qwk",
+        "test/age/mae",
+        "test/null_control/auroc",
+        "train/loss",
+        "split/test/patients",
+    ):
+        assert key in metrics, key
+    assert metrics["test/referable_dr/auroc/ci_low"] <= metrics["test/referable_dr/auroc"]
+    assert len(client.get_metric_history(summary.run_id, "val/referable_dr/auroc")) == 2
+    assert run.data.params["primary_task"] == "referable_dr"
+    assert run.data.tags["eyehub.dataset_digest"]
+    digest = run.data.tags["eyehub.dataset_digest"]
+    assert run.inputs.dataset_inputs[0].dataset.digest == digest[:32]
+    local = Path(client.download_artifacts(summary.run_id, "predictions", str(tmp_path)))
+    table = pd.read_parquet(local / "predictions.parquet")
+    assert set(table.split) == {"val", "test"}
+    assert {"scan_id", "patient_id", "eye", "task", "label", "raw", "calibrated"} <= set(
+        table.columns
+    )
+    test = table[(table.split == "test") & (table.task == "referable_dr")]
+    assert test.scan_id.is_unique and len(test) == summary.split.samples["test"]  # type: ignore[union-attr]
+    # the registered alias scores a prepared tensor
+    model = mlflow.pyfunc.load_model("models:/eyehub-fundus_demo@candidate")
+    out = model.predict(np.zeros((2, 3, 128, 128), dtype=np.uint8))
+    assert len(out) == 2 and "referable_dr/probability" in out.columns
+    # nothing that identifies a patient went to MLflow
+    phi = json.loads((small_cohort / "phi.json").read_text())
+    planted = {str(v) for p in phi.values() for v in (p.values() if isinstance(p, dict) else p)}
+    planted = {v for v in planted if len(v) >= 6}
+    blob = (home / "mlflow.db").read_bytes()
+    for folder in (home / "mlruns", home / "runs"):
+        if folder.exists():
+            for f in folder.rglob("*"):
+                if f.is_file() and f.stat().st_size < 5_000_000:
+                    blob += f.read_bytes()
+    found = [v for v in planted if v.encode() in blob]
+    assert not found, found
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_replaced_and_training_goes_on(dataset: Path, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and not killed:
+            if list((home / "runs").glob("*/checkpoint_*")):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = run_training(
+        _config("training.epochs=3", "training.max_failures=1"),  # type: ignore[arg-type]
+        dataset,
+        TrainSettings(home=home, workers=1),
+    )
+    killer.join(timeout=5)
+    assert killed, "no train worker was found to kill"
+    assert summary.epochs == 3
+    history = mlflow.MlflowClient(summary.tracking_uri).get_metric_history(
+        summary.run_id, "val/referable_dr/auroc"
+    )
+    assert sorted({m.step for m in history}) == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_stops_the_run_naming_epoch_and_step(
+    dataset: Path, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    with pytest.raises(TrainingError, match=r"non-finite at epoch \d+, step \d+"):
+        run_training(
+            _config("training.epochs=2", "training.lr=1e12", "training.warmup_epochs=0"),  # type: ignore[arg-type]
+            dataset,
+            TrainSettings(home=home, workers=1),
+        )
+    client = mlflow.MlflowClient(f"sqlite:///{(home / 'mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("fundus_demo").experiment_id])
+    assert runs[0].info.status == "FAILED"
+
+
+def test_a_dataset_that_leaks_or_lacks_labels_is_refused_before_training(
+    dataset: Path, tmp_path: Path
+) -> None:
+    catalog = pd.read_parquet(dataset / "catalog.parquet")
+    catalog["referable_dr"] = pd.NA
+    catalog["dr_grade"] = pd.NA
+    catalog["age"] = np.nan
+    catalog["sex"] = None
+    catalog["null_control"] = pd.NA
+    catalog.to_parquet(dataset / "catalog.parquet", index=False)
+    with pytest.raises(DatasetError, match="missing"):
+        run_training(
+            _config(),  # type: ignore[arg-type]
+            dataset,
+            TrainSettings(home=tmp_path / "home", workers=1),
+        )
+    assert not (tmp_path / "home" / "runs").exists()
