@@ -1,17 +1,22 @@
 """The `eyehub` command line: one verb per pipeline step.
 
 This is the only module that imports every stage. It reads the environment once
-(`Environment.from_environ`), turns `EyehubError`s into one-line messages with documented
-exit codes, and owns the user-facing output (rich progress bars, summaries).
+(`Environment.from_environ`), runs every command with a log file (`eyehub.logs`: the
+terminal shows eyehub's own progress and results, everything else goes to
+`<EYEHUB_HOME>/logs/`), turns `EyehubError`s into one-line messages with documented exit
+codes and any other exception into one line naming the log file that holds its traceback,
+and owns the user-facing output (rich progress bars, summaries).
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,11 +28,21 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
+from typer.core import TyperCommand
 
-from eyehub import __version__
+from eyehub import __version__, logs
 from eyehub.errors import EyehubError
-from eyehub.logs import configure_logging
 from eyehub.settings import Environment
+
+if TYPE_CHECKING:
+    from eyehub.synth import CohortSummary
+    from ingest import HubKey, IngestSettings, IngestSummary
+    from preprocess import PreprocessSummary, Recipe
+    from training.config import TrainConfig
+    from training.run import TrainSettings, TrainSummary
+
+DEMO_PATIENTS = 120  # enough for the demo model's validation and test splits
 
 app = typer.Typer(
     name="eyehub",
@@ -36,13 +51,33 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err_console = Console(stderr=True)
-log = logging.getLogger("eyehub")
+# soft_wrap: long lines (paths) are left for the terminal to wrap, never broken by rich
+console = Console(stderr=False, soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_QUARANTINED = 3
+EXIT_INTERRUPTED = 130
+
+# The reason code (ingest quarantine, preprocess ungradable) of a programming error inside a
+# worker; its traceback is in the log file (eyehub.reasons).
+INTERNAL_ERROR = "internal_error"
+
+
+class LoggedCommand(TyperCommand):
+    """A command that runs inside `logs.command_output`, once its arguments are parsed (so
+    `--help` and usage errors print to the terminal as usual and write no log file).
+
+    The log file goes under the command's `--home` where it has one (the demo), else under
+    `$EYEHUB_HOME`."""
+
+    def invoke(self, ctx: Any) -> Any:  # a click Context (typer vendors its own click)
+        verbose = bool(ctx.find_root().params.get("verbose"))
+        home = ctx.params.get("home") or Environment.from_environ().home
+        with logs.command_output(Path(home), verbose=verbose, console=err_console):
+            return super().invoke(ctx)
 
 
 def _version(value: bool) -> None:
@@ -53,12 +88,20 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug detail.")] = False,
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose",
+            "-v",
+            help="Also show debug detail and other libraries' output (Ray's included), "
+            "which otherwise only go to the log file under $EYEHUB_HOME/logs.",
+        ),
+    ] = False,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print version.")
     ] = False,
 ) -> None:
-    configure_logging("DEBUG" if verbose else "INFO")
+    """Imaging AI pipeline for retinal OCT and fundus photographs."""
 
 
 def progress_bar() -> Progress:
@@ -71,10 +114,219 @@ def progress_bar() -> Progress:
         TimeRemainingColumn(),
         console=err_console,
         transient=False,
+        # while descriptor 2 is the log file, what libraries write to sys.stderr belongs
+        # there, not above the bar
+        redirect_stderr=not logs.stderr_redirected(),
     )
 
 
-@app.command()
+@contextmanager
+def _progress(
+    description: str, unit: str, total: int | None = None
+) -> Iterator[Callable[[int, int | None], None]]:
+    """A progress bar for one step; yields `update(done, total=None)`."""
+    start = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(description, total=total, rate="")
+
+        def update(done: int, new_total: int | None = None) -> None:
+            rate = f"{done / max(time.perf_counter() - start, 1e-9):.1f} {unit}/s"
+            if new_total is not None:
+                bar.update(task, completed=done, total=new_total, rate=rate)
+            else:
+                bar.update(task, completed=done, rate=rate)
+
+        yield update
+
+
+def _log_file_text() -> str:
+    path = logs.current_log_file()
+    return str(path) if path is not None else "the log (no log file could be written)"
+
+
+# -- the steps, shared by the verbs and the demo: run with a progress bar, print a summary --
+
+
+def _run_synth(
+    out_dir: Path, *, patients: int, seed: int, size: str, workers: int | None
+) -> CohortSummary:
+    from eyehub.synth import generate_cohort
+    from eyehub.synth.cohort import validate_arguments
+
+    validate_arguments(out_dir, patients, seed, size, workers)
+    start = time.perf_counter()
+    with _progress("synth", "patients", total=max(patients, 0)) as update:
+        summary = generate_cohort(
+            out_dir, patients, seed, size, workers, progress=lambda done: update(done, None)
+        )
+    print_synth_summary(summary, time.perf_counter() - start)
+    return summary
+
+
+def print_synth_summary(summary: CohortSummary, seconds: float) -> None:
+    out_dir = summary.out_dir
+    console.print(
+        f"wrote {summary.files} DICOM files ({summary.bytes_written / 1e6:.1f} MB) for "
+        f"{summary.patients} patients in {seconds:.1f} s"
+    )
+    console.print(f"  DICOM:  {out_dir / 'dicom'}")
+    console.print(f"  labels: {out_dir / 'labels.csv'} ({summary.label_rows} rows)")
+    console.print(
+        f"  truth:  {out_dir / 'truth.csv'}   planted identifiers: {out_dir / 'phi.json'}"
+    )
+
+
+def _run_ingest(
+    sources: list[Path],
+    dataset: Path,
+    *,
+    key: HubKey,
+    labels: Path | None,
+    settings: IngestSettings,
+) -> IngestSummary:
+    from ingest import run_ingest
+
+    with _progress("ingest", "files") as update:
+        summary = run_ingest(
+            sources,
+            dataset,
+            key,
+            labels,
+            settings,
+            on_start=lambda total: update(0, total),
+            on_progress=lambda done: update(done, None),
+        )
+    print_ingest_summary(summary, dataset)
+    return summary
+
+
+def print_ingest_summary(summary: IngestSummary, dataset: Path) -> None:
+    console.print(
+        f"{summary.files} files in {summary.seconds:.1f} s: {summary.converted} converted, "
+        f"{summary.present} already present, {summary.quarantined_total} quarantined"
+        + (f", {summary.ignored} ignored (DICOMDIR)" if summary.ignored else "")
+        + (f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else "")
+    )
+    for reason, count in sorted(summary.quarantined.items()):
+        console.print(f"  quarantined {count:>5}  {reason}")
+    internal = summary.quarantined.get(INTERNAL_ERROR, 0)
+    if internal:
+        console.print(
+            f"{internal} file(s) hit an internal error; tracebacks are in {_log_file_text()}"
+        )
+    console.print(f"dataset: {dataset}  ({summary.catalog_rows} scans in catalog.parquet)")
+    if summary.quarantined_total:
+        console.print(f"see {dataset / 'quarantine.parquet'} for what to do about each")
+
+
+def _run_preprocess(
+    dataset: Path,
+    *,
+    recipe: Recipe,
+    device: str,
+    workers: int,
+    ray_address: str | None,
+) -> PreprocessSummary:
+    from preprocess import run_preprocess
+
+    with _progress("preprocess", "scans") as update:
+        summary = run_preprocess(dataset, recipe, device, workers, ray_address, on_progress=update)
+    print_preprocess_summary(summary, recipe)
+    return summary
+
+
+def print_preprocess_summary(summary: PreprocessSummary, recipe: Recipe) -> None:
+    console.print(
+        f"recipe {summary.recipe_id} ({recipe.name}) on {summary.device}: {summary.scans} scans, "
+        f"{summary.prepared} prepared, {summary.already_done} already done, "
+        f"{sum(summary.ungradable.values())} ungradable in {summary.seconds:.1f} s"
+    )
+    for reason, count in sorted(summary.ungradable.items()):
+        console.print(f"  ungradable {count:>5}  {reason}")
+    internal = summary.ungradable.get(INTERNAL_ERROR, 0)
+    if internal:
+        console.print(
+            f"{internal} scan(s) hit an internal error; tracebacks are in {_log_file_text()}"
+        )
+    console.print(f"  tensors: {summary.zarr_path}")
+    console.print(f"  index:   {summary.parquet_path}")
+
+
+def _run_train(config: TrainConfig, dataset: Path, *, settings: TrainSettings) -> TrainSummary:
+    from rich.live import Live
+    from rich.text import Text
+
+    from training.run import run_training
+
+    state: dict[str, Any] = {}
+    status = Text("starting Ray Train ...")
+
+    def on_progress(event: dict[str, Any]) -> None:
+        state.update(event)
+        line = f"epoch {state.get('epoch', '?')}/{state.get('epochs', '?')}"
+        if "step" in state:
+            line += f"  step {state['step']}/{state.get('steps', '?')}"
+        if "loss" in state:
+            line += f"  loss {state['loss']:.4f}"
+        if "samples_per_s" in state:
+            line += f"  {state['samples_per_s']:.1f} samples/s"
+        metric = config.early_stopping_metric
+        if metric in state:
+            line += f"  {metric} {state[metric]:.3f}"
+        status.plain = line
+
+    with Live(status, console=err_console, refresh_per_second=4, transient=False):
+        summary = run_training(
+            config,
+            dataset,
+            settings,
+            on_progress=on_progress,
+            on_note=lambda text: console.print(text),
+        )
+    print_train_summary(config, summary)
+    return summary
+
+
+def print_train_summary(config: TrainConfig, summary: TrainSummary) -> None:
+    from rich.table import Table
+
+    split = summary.split
+    if split is not None:
+        console.print(
+            "split (patients/samples, ungradable left out): "
+            + ", ".join(
+                f"{s} {split.patients[s]}/{split.samples[s]} ({split.ungradable[s]})"
+                for s in ("train", "val", "test")
+            )
+        )
+    table = Table(title=f"test metrics ({config.name}, best epoch {summary.best_epoch})")
+    for column in ("task", "metric", "value", "95% CI"):
+        table.add_column(column)
+    for key, value in sorted(summary.metrics.items()):
+        parts = key.split("/")
+        if len(parts) != 3 or parts[2] in ("n", "n_patients", "positives"):
+            continue
+        low = summary.metrics.get(f"{key}/ci_low")
+        high = summary.metrics.get(f"{key}/ci_high")
+        ci = f"{low:.3f}-{high:.3f}" if low is not None and high is not None else ""
+        table.add_row(parts[1], parts[2], f"{value:.3f}", ci)
+    console.print(table)
+    for text in summary.warnings:
+        console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+    console.print(
+        f"MLflow run {summary.run_id} (experiment {summary.experiment}) at {summary.tracking_uri}"
+    )
+    console.print(
+        f"registered model {summary.model_name} version {summary.model_version}, alias "
+        f"candidate: models:/{summary.model_name}@candidate"
+    )
+    console.print(f"model directory: {summary.model_dir}   ({summary.seconds:.0f} s)")
+
+
+# -- the verbs --
+
+
+@app.command(cls=LoggedCommand)
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write the cohort into.")],
     patients: Annotated[int, typer.Option(help="Number of patients.")] = 20,
@@ -87,35 +339,10 @@ def synth(
     ] = None,
 ) -> None:
     """Write a synthetic ophthalmic DICOM cohort (fundus OP/SC/XC + OCT OPT) and labels.csv."""
-    from eyehub.synth import generate_cohort
-    from eyehub.synth.cohort import validate_arguments
-
-    validate_arguments(out_dir, patients, seed, size, workers)
-    start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("synth", total=max(patients, 0), rate="")
-
-        def advance(done: int) -> None:
-            elapsed = time.perf_counter() - start
-            bar.update(task, completed=done, rate=f"{done / max(elapsed, 1e-9):.1f} patients/s")
-
-        summary = generate_cohort(out_dir, patients, seed, size, workers, advance)
-    elapsed = time.perf_counter() - start
-    console.print(
-        f"wrote {summary.files} DICOM files ({summary.bytes_written / 1e6:.1f} MB) for "
-        f"{summary.patients} patients in {elapsed:.1f} s"
-    )
-    console.print(f"  DICOM:  {out_dir / 'dicom'}")
-    console.print(f"  labels: {out_dir / 'labels.csv'} ({summary.label_rows} rows)")
-    console.print(
-        f"  truth:  {out_dir / 'truth.csv'}   planted identifiers: {out_dir / 'phi.json'}"
-    )
+    _run_synth(out_dir, patients=patients, seed=seed, size=size, workers=workers)
 
 
-EXIT_QUARANTINED = 3
-
-
-@app.command()
+@app.command(cls=LoggedCommand)
 def keygen(
     path: Annotated[Path, typer.Argument(help="Where to write the new key file (mode 0600).")],
 ) -> None:
@@ -127,7 +354,7 @@ def keygen(
     console.print(f"wrote a new key to {path} (mode 0600)")
 
 
-@app.command()
+@app.command(cls=LoggedCommand)
 def ingest(
     sources: Annotated[list[Path], typer.Argument(help="DICOM files or folders (any names).")],
     out: Annotated[Path, typer.Option("--out", help="The dataset directory to write.")],
@@ -150,7 +377,7 @@ def ingest(
     Exit status: 0 every input converted or already present; 3 some inputs quarantined
     (see quarantine.parquet); 2 usage error (bad arguments, missing key).
     """
-    from ingest import IngestSettings, load_key, parse_size, run_ingest
+    from ingest import IngestSettings, load_key, parse_size
 
     env = Environment.from_environ()
     key = load_key(key_file or env.key_file)
@@ -159,38 +386,21 @@ def ingest(
         max_decoded_bytes=parse_size(max_decoded_bytes),
         ray_address=ray_address or env.ray_address,
     )
-    start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("ingest", total=None, rate="")
-
-        def started(total: int) -> None:
-            bar.update(task, total=total)
-
-        def advance(done: int) -> None:
-            elapsed = time.perf_counter() - start
-            bar.update(task, completed=done, rate=f"{done / max(elapsed, 1e-9):.1f} files/s")
-
-        summary = run_ingest(sources, out, key, labels, settings, started, advance)
-    console.print(
-        f"{summary.files} files in {summary.seconds:.1f} s: {summary.converted} converted, "
-        f"{summary.present} already present, {summary.quarantined_total} quarantined"
-        + (f", {summary.ignored} ignored (DICOMDIR)" if summary.ignored else "")
-        + (f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else "")
-    )
-    for reason, count in sorted(summary.quarantined.items()):
-        console.print(f"  quarantined {count:>5}  {reason}")
-    console.print(f"dataset: {out}  ({summary.catalog_rows} scans in catalog.parquet)")
+    summary = _run_ingest(sources, out, key=key, labels=labels, settings=settings)
     if summary.quarantined_total:
-        console.print(f"see {out / 'quarantine.parquet'} for what to do about each")
         raise typer.Exit(EXIT_QUARANTINED)
 
 
-@app.command()
+@app.command(cls=LoggedCommand)
 def preprocess(
     dataset: Annotated[Path, typer.Argument(help="A dataset directory written by ingest.")],
-    recipe: Annotated[Path, typer.Option(help="Recipe YAML (configs/preprocess/*.yaml).")] = Path(
-        "configs/preprocess/default.yaml"
-    ),
+    recipe: Annotated[
+        str,
+        typer.Option(
+            help="A shipped recipe's name (default, small: configs/preprocess/) "
+            "or the path of a recipe YAML file."
+        ),
+    ] = "default",
     device: Annotated[str, typer.Option(help="auto | cuda | cpu")] = "auto",
     workers: Annotated[int, typer.Option(help="Ray Data actors (one GPU each on CUDA).")] = 2,
     ray_address: Annotated[
@@ -201,93 +411,183 @@ def preprocess(
     ] = None,
 ) -> None:
     """Prepare training-ready tensors: prepared/<recipe_id>.zarr and .parquet."""
+    from eyehub.configs import resolve_config
     from eyehub.settings import load_settings
-    from preprocess import Recipe, run_preprocess
+    from preprocess import Recipe
 
     env = Environment.from_environ()
-    settings = load_settings(Recipe, recipe, set_ or [])
-    start = time.perf_counter()
-    with progress_bar() as bar:
-        task = bar.add_task("preprocess", total=None, rate="")
-
-        def advance(done: int, total: int) -> None:
-            elapsed = time.perf_counter() - start
-            bar.update(
-                task, completed=done, total=total, rate=f"{done / max(elapsed, 1e-9):.1f} scans/s"
-            )
-
-        summary = run_preprocess(
-            dataset, settings, device, workers, ray_address or env.ray_address, on_progress=advance
-        )
-    console.print(
-        f"recipe {summary.recipe_id} ({settings.name}) on {summary.device}: {summary.scans} scans, "
-        f"{summary.prepared} prepared, {summary.already_done} already done, "
-        f"{sum(summary.ungradable.values())} ungradable in {summary.seconds:.1f} s"
+    settings = load_settings(Recipe, resolve_config("preprocess", recipe), set_ or [])
+    _run_preprocess(
+        dataset,
+        recipe=settings,
+        device=device,
+        workers=workers,
+        ray_address=ray_address or env.ray_address,
     )
-    for reason, count in sorted(summary.ungradable.items()):
-        console.print(f"  ungradable {count:>5}  {reason}")
-    console.print(f"  tensors: {summary.zarr_path}")
-    console.print(f"  index:   {summary.parquet_path}")
 
 
-@app.command()
+@app.command(cls=LoggedCommand)
+def train(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            help="A shipped training config's name (fundus_demo: configs/train/) or a YAML path.",
+        ),
+    ],
+    dataset: Annotated[Path, typer.Option("--dataset", help="A dataset written by ingest.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override a config key: training.epochs=3"),
+    ] = None,
+    ray_address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Ray Train workers (DDP).")] = 1,
+    gpus_per_worker: Annotated[float, typer.Option(help="GPUs per worker (0: CPU).")] = 0.0,
+    resume: Annotated[
+        bool | None,
+        typer.Option(
+            "--resume/--new-run",
+            help="Continue the run of this config and dataset (default when it did not "
+            "finish) or start a new one.",
+        ),
+    ] = None,
+) -> None:
+    """Train, evaluate and register a model: Ray Train, tracked in MLflow (docs/training.md).
+
+    Prepares the dataset with the config's recipe first when needed. Prints the MLflow run,
+    the registered model and version, and the test metrics with their 95% CIs.
+    """
+    from training.config import load_train_config
+    from training.run import TrainSettings
+
+    env = Environment.from_environ()
+    resolved = load_train_config(config, set_ or [])
+    _run_train(
+        resolved,
+        dataset,
+        settings=TrainSettings(
+            home=env.home,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            ray_address=ray_address or env.ray_address,
+            tracking_uri=env.tracking_uri,
+            resume=resume,
+        ),
+    )
+
+
+@app.command(cls=LoggedCommand)
 def demo(
     home: Annotated[
         Path | None,
         typer.Option(help="Where the demo writes (default: $EYEHUB_HOME or ./.eyehub)."),
     ] = None,
-    patients: Annotated[int, typer.Option(help="Patients in the demo cohort.")] = 24,
+    patients: Annotated[int, typer.Option(help="Patients in the demo cohort.")] = DEMO_PATIENTS,
+    train_model: Annotated[
+        bool,
+        typer.Option(
+            "--train/--no-train", help="End by training and registering the fundus_demo model."
+        ),
+    ] = True,
 ) -> None:
     """Run the pipeline end to end on a synthetic cohort with embedded defaults."""
+    from eyehub.configs import resolve_config
+    from eyehub.settings import load_settings
+    from ingest import IngestSettings, generate_key_file, load_key
+    from preprocess import Recipe
+
     env = Environment.from_environ()
     root = (home or env.home) / "demo"
     cohort = root / "cohort"
     dataset = root / "dataset"
     key_path = root / "hub.key"
-    console.rule("[bold]1/3 synth: a synthetic hospital export")
-    synth(cohort, patients=patients, seed=7, size="small", workers=None)
-    console.rule("[bold]2/3 ingest: de-identify into an OME-Zarr dataset")
+    console.rule(f"[bold]1/{4 if train_model else 3} synth: a synthetic hospital export")
+    _run_synth(cohort, patients=patients, seed=7, size="small", workers=None)
+    console.rule(f"[bold]2/{4 if train_model else 3} ingest: de-identify into an OME-Zarr dataset")
     if not key_path.exists():
-        from ingest import generate_key_file
-
         generate_key_file(key_path)
         console.print(
             f"created a demo pseudonymisation key at {key_path} (mode 0600); "
             "outside the demo, pass --key-file or set EYEHUB_KEY_FILE"
         )
-    try:
-        ingest([cohort / "dicom"], dataset, cohort / "labels.csv", key_path, 2, None, "4GiB")
-    except typer.Exit as exc:
-        if exc.exit_code not in (0, EXIT_QUARANTINED):
-            raise
-    console.rule("[bold]3/3 preprocess: training-ready tensors (recipe 'small')")
-    preprocess(dataset, _package_config("preprocess/small.yaml"), "auto", 2, None, None)
+    _run_ingest(  # quarantined inputs are reported in the summary; the demo goes on
+        [cohort / "dicom"],
+        dataset,
+        key=load_key(key_path),
+        labels=cohort / "labels.csv",
+        settings=IngestSettings(workers=2),
+    )
+    steps = 4 if train_model else 3
+    console.rule(f"[bold]3/{steps} preprocess: training-ready tensors (recipe 'small')")
+    _run_preprocess(
+        dataset,
+        recipe=load_settings(Recipe, resolve_config("preprocess", "small")),
+        device="auto",
+        workers=2,
+        ray_address=None,
+    )
+    trained = None
+    if train_model:
+        from training.config import load_train_config
+        from training.run import TrainSettings
+
+        console.rule("[bold]4/4 train: the fundus_demo model, tracked in MLflow and registered")
+        trained = _run_train(
+            load_train_config("fundus_demo"),
+            dataset,
+            settings=TrainSettings(home=(home or env.home), tracking_uri=env.tracking_uri),
+        )
     console.rule("[bold]done")
     console.print(f"demo outputs are under {root.resolve()}")
     console.print(f"  synthetic DICOM export: {(cohort / 'dicom').resolve()}")
     console.print(f"  de-identified dataset:  {dataset.resolve()} (scans.zarr, catalog.parquet)")
     console.print(f"  prepared tensors:       {(dataset / 'prepared').resolve()}")
+    if trained is not None:
+        console.print(
+            f"  registered model:       models:/{trained.model_name}@candidate "
+            f"(version {trained.model_version}); `eyehub ui` or MLflow at {trained.tracking_uri}"
+        )
+    console.print(f"  log of this run:        {_log_file_text()}")
 
 
-def _package_config(name: str) -> Path:
-    """A config shipped in the repository's configs/ (the demo's embedded defaults)."""
-    return Path(__file__).resolve().parent.parent / "configs" / name
+def run(application: typer.Typer, args: list[str] | None = None) -> None:
+    """Run `application` (the `eyehub` app) on `args` (default: sys.argv) and exit.
 
-
-def main() -> None:
-    """Console entry point: EyehubErrors become one line on stderr and an exit code.
-
-    Exit codes: 0 success; 2 usage or configuration error; 3 the job ran but some inputs
-    were quarantined (ingest); 130 interrupted.
+    An `EyehubError` becomes one line on stderr and its exit code; any other exception
+    becomes one line naming the log file that holds its traceback, exit 1. Exit codes: 0
+    success; 1 unexpected error; 2 usage or configuration error; 3 the job ran but some
+    inputs were quarantined (ingest); 130 interrupted.
     """
     try:
-        app()  # standalone: click prints its own usage errors and exits 2
+        application(args=args)  # standalone: click prints its own usage errors and exits 2
     except EyehubError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        logs.log.debug("error: %s", exc, extra={"terminal": False})
+        err_console.print(Text.assemble(("error:", "bold red"), f" {exc}"), soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        where = logs.log_unexpected_error(exc, Environment.from_environ().home, err_console)
+        if where is None:  # nowhere to keep it: the terminal is the only record left
+            traceback.print_exc()
+        err_console.print(
+            f"unexpected error ({type(exc).__name__}); the traceback is in "
+            + (str(where) if where is not None else "the lines above (no log file)"),
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
+        sys.exit(EXIT_ERROR)
+    finally:
+        logs.stop_logging()
+
+
+def main() -> None:
+    """Console entry point (`eyehub`)."""
+    run(app)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ entry point; library code receives values, never reads `os.environ` itself.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.path=value` override applied."""
-    result: dict[str, Any] = _deep_copy(data)
+    result: dict[str, Any] = copy.deepcopy(data)
     for text in overrides:
         path, value = parse_override(text)
         node = result
@@ -83,10 +84,6 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
             node = child
         node[path[-1]] = value
     return result
-
-
-def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in data.items()}
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterable, Mapping
 
 
@@ -18,6 +19,8 @@ def run_eyehub(
     this process's environment; never raises on a non-zero exit."""
     env = {k: v for k, v in os.environ.items() if k not in set(drop_env)}
     env.update({"COLUMNS": "200", "NO_COLOR": "1", **(extra_env or {})})
+    if "EYEHUB_HOME" not in (extra_env or {}):  # logs and MLflow out of the checkout
+        env["EYEHUB_HOME"] = tempfile.mkdtemp(prefix="eyehub-test-home-")
     return subprocess.run(
         [sys.executable, "-m", "eyehub.cli", *args],
         capture_output=True,

@@ -1,4 +1,6 @@
-"""`eyehub demo`: the main job end to end with embedded defaults (small cohort here)."""
+"""`eyehub demo`: the main job end to end with embedded defaults (small cohort here); the
+terminal shows eyehub's steps and results, the run's log file the rest (docs/architecture.md,
+"Errors and output")."""
 
 from __future__ import annotations
 
@@ -15,7 +17,17 @@ import pytest
 def test_demo_runs_end_to_end_and_says_where_its_outputs_are(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("EYEHUB_KEY_FILE", "RAY_ADDRESS")}
     out = subprocess.run(
-        [sys.executable, "-m", "eyehub.cli", "demo", "--home", str(tmp_path), "--patients", "4"],
+        [
+            sys.executable,
+            "-m",
+            "eyehub.cli",
+            "demo",
+            "--home",
+            str(tmp_path),
+            "--patients",
+            "4",
+            "--no-train",
+        ],
         capture_output=True,
         text=True,
         timeout=900,
@@ -31,3 +43,10 @@ def test_demo_runs_end_to_end_and_says_where_its_outputs_are(tmp_path: Path) -> 
     assert len(catalog) == len(files) > 0
     assert catalog.dr_grade.notna().mean() > 0.8  # labels joined
     assert (root / "hub.key").stat().st_mode & 0o077 == 0
+    terminal = out.stdout + out.stderr
+    for chatter in ("core_worker", "Ray instance", "Token authentication", "INFO", "Warning"):
+        assert chatter not in terminal, terminal
+    log_line = next(line for line in out.stdout.splitlines() if "log of this run:" in line)
+    log_file = Path(log_line.split("log of this run:", 1)[1].strip())
+    assert log_file.parent == tmp_path / "logs"
+    assert "Started a local Ray instance" in log_file.read_text(encoding="utf-8")

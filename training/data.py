@@ -45,9 +45,7 @@ class SampleArrays:
             fundus_row=frame["fundus_row"].to_numpy(dtype=np.int64),
             oct_row=frame["oct_row"].to_numpy(dtype=np.int64),
             labels={t: label_spec(t).encode(frame[t]) for t in tasks},
-            age=np.full(len(frame), np.nan)
-            if age is None
-            else label_spec("age").encode(age),
+            age=np.full(len(frame), np.nan) if age is None else label_spec("age").encode(age),
             sex=[None] * len(frame)
             if sex is None
             else [None if pd.isna(v) else str(v) for v in sex.astype(object)],
@@ -118,9 +116,7 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 class ShardSampler(Sampler[int]):
     """This worker's disjoint share of an epoch's permutation (or of the plain order)."""
 
-    def __init__(
-        self, n: int, rank: int, world: int, seed: int, shuffle: bool = True
-    ) -> None:
+    def __init__(self, n: int, rank: int, world: int, seed: int, shuffle: bool = True) -> None:
         self.n, self.rank, self.world, self.seed, self.shuffle = n, rank, world, seed, shuffle
         self.epoch = 0
 

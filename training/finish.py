@@ -67,9 +67,7 @@ def predictions_table(
                     frame[f"p_grade_{k}"] = grades[:, k]
         threshold = model.thresholds.get(t.name)
         frame["threshold"] = threshold.value if threshold is not None else np.nan
-        frame["refer"] = (
-            frame["calibrated"] >= threshold.value if threshold is not None else pd.NA
-        )
+        frame["refer"] = frame["calibrated"] >= threshold.value if threshold is not None else pd.NA
         frames.append(frame)
     return pd.concat(frames, ignore_index=True)
 
@@ -115,9 +113,7 @@ def finish_run(
             "config": config.name,
             "run_id": summary.run_id,
             "best_epoch": summary.best_epoch,
-            "dataset_digest": mlflow.get_run(summary.run_id).data.tags.get(
-                "eyehub.dataset_digest"
-            ),
+            "dataset_digest": mlflow.get_run(summary.run_id).data.tags.get("eyehub.dataset_digest"),
             "primary_task": config.primary_task,
         }
     )

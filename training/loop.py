@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -48,19 +49,45 @@ STATE = "state.pt"
 # -- plain torch pieces ----------------------------------------------------------------------
 
 
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+_EMBEDDING = ("patch_embedding", "cls_token", "position_embeddings", "pos_embed")
+_NO_DECAY = ("cls_token", "position_embeddings", "pos_embed")  # as timm/RETFound
+
+
+def layer_id(name: str, layers: int) -> int:
+    """A parameter's depth for layer-wise decay (BEiT/MAE/RETFound's `param_groups_lrd`):
+    the embeddings 0, transformer block i i+1, everything above the blocks layers+1."""
+    found = _BLOCK.search(name)
+    if found:
+        return int(found.group(1)) + 1
+    if any(part in name for part in _EMBEDDING):
+        return 0
+    return layers + 1
+
+
 def build_optimizer(net: nn.Module, spec: TrainingSpec) -> torch.optim.Optimizer:
-    """AdamW or SGD; with `layer_decay`, layer-wise learning-rate decay as RETFound's
-    fine-tuning does (lr x decay^(depth from the top)), for networks that have `blocks`."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in net.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": spec.weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
+    """AdamW or SGD, no weight decay on biases and norms. With `layer_decay`, layer-wise
+    learning-rate decay as RETFound's fine-tuning does: a parameter at depth d of a ViT
+    with L blocks learns at lr x decay^(L + 1 - d), so the heads learn fastest."""
+    named = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
+    blocks = {int(m.group(1)) for n, _ in named if (m := _BLOCK.search(n))}
+    layers = max(blocks) + 1 if blocks else 0
+    grouped: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    for name, p in named:
+        depth = layer_id(name, layers) if spec.layer_decay is not None else 0
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(t in name for t in _NO_DECAY)
+        grouped.setdefault((depth, bool(no_decay)), []).append(p)
+    groups = []
+    for (depth, no_decay), params in sorted(grouped.items()):
+        scale = spec.layer_decay ** (layers + 1 - depth) if spec.layer_decay is not None else 1.0
+        groups.append(
+            {
+                "params": params,
+                "weight_decay": 0.0 if no_decay else spec.weight_decay,
+                "lr": spec.lr * scale,
+                "lr_scale": scale,
+            }
+        )
     if spec.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=spec.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=spec.lr)
@@ -173,6 +200,17 @@ def _broadcast(values: list[Any]) -> list[Any]:
     return values
 
 
+def _gather(value: Any) -> list[Any]:
+    """Every worker's `value`, in rank order."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        out: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(out, value)
+        return out
+    return [value]
+
+
 def _all_mean(value: torch.Tensor) -> float:
     import torch.distributed as dist
 
@@ -252,7 +290,13 @@ def train_loop(config: dict[str, Any]) -> None:
         if state.get("stopped"):
             start_epoch = train_spec.epochs  # stopped early: nothing left to do
 
+    import ray
+
     tracker = _Tracker(config) if rank == 0 else None
+    nodes = _gather(ray.get_runtime_context().get_node_id())
+    if tracker is not None:
+        tracker.tag("eyehub.train_nodes", ",".join(sorted(set(nodes))))
+        tracker.tag("eyehub.train_workers", str(world))
     queue = config.get("progress")
     tasks = list(spec.tasks)
     autocast = (
@@ -354,9 +398,7 @@ def train_loop(config: dict[str, Any]) -> None:
                     },
                     Path(folder) / STATE,
                 )
-                ray.train.report(
-                    metrics, checkpoint=ray.train.Checkpoint.from_directory(folder)
-                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
         else:
             ray.train.report(metrics)
         if stop:
@@ -383,3 +425,9 @@ class _Tracker:
             if key != "epoch" and math.isfinite(float(value))
         ]
         MlflowClient(self.uri).log_batch(self.run_id, metrics=batch)
+
+    def tag(self, key: str, value: str) -> None:
+        if self.uri and self.run_id:
+            from mlflow import MlflowClient
+
+            MlflowClient(self.uri).set_tag(self.run_id, key, value)

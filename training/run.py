@@ -199,9 +199,7 @@ def run_training(
     samples, report = split_samples(config, samples_for(config, index))
     config = resolve_regression(config, samples[samples.split == "train"])
     name, folder = _run_dir(settings, config, dataset)
-    tracking_uri = settings.tracking_uri or (
-        f"sqlite:///{(settings.home / 'mlflow.db').resolve()}"
-    )
+    tracking_uri = settings.tracking_uri or (f"sqlite:///{(settings.home / 'mlflow.db').resolve()}")
     mlflow.set_tracking_uri(tracking_uri)
     experiment = _experiment(config.name, None if settings.tracking_uri else settings.home)
     state = _read_state(folder)
@@ -214,13 +212,26 @@ def run_training(
         _write_state(folder, run_id=run.info.run_id, status="running", dataset=str(dataset))
         _log_start(config, dataset, samples, report, folder)
     summary = TrainSummary(
-        name, run.info.run_id, experiment.name, tracking_uri, split=report,
+        name,
+        run.info.run_id,
+        experiment.name,
+        tracking_uri,
+        split=report,
     )
     try:
         started_ray = start_ray(os.cpu_count() or 2, settings.ray_address)
         try:
-            result = _fit(config, dataset, samples, settings, name, folder, run.info.run_id,
-                          tracking_uri, on_progress)
+            result = _fit(
+                config,
+                dataset,
+                samples,
+                settings,
+                name,
+                folder,
+                run.info.run_id,
+                tracking_uri,
+                on_progress,
+            )
         finally:
             if started_ray:
                 import ray

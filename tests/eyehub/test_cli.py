@@ -10,11 +10,17 @@ import pytest
 from tests.cli import run_eyehub
 
 
+@pytest.fixture(autouse=True)
+def _home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Log files (one per command) go under this test's folder, not ./.eyehub."""
+    monkeypatch.setenv("EYEHUB_HOME", str(tmp_path / "home"))
+
+
 def run(*args: str) -> subprocess.CompletedProcess[str]:
     return run_eyehub(*args, timeout=300)
 
 
-@pytest.mark.parametrize("verb", ["synth", "keygen", "ingest", "demo"])
+@pytest.mark.parametrize("verb", ["synth", "keygen", "ingest", "preprocess", "demo"])
 def test_every_verb_has_help(verb: str) -> None:
     out = run(verb, "--help")
     assert out.returncode == 0
@@ -65,3 +71,27 @@ def test_synth_writes_a_cohort_and_says_where(tmp_path: Path) -> None:
     assert str(tmp_path / "c" / "labels.csv") in out.stdout.replace("\n", "")
     assert (tmp_path / "c" / "labels.csv").is_file()
     assert any((tmp_path / "c" / "dicom").rglob("IM*"))
+
+
+def test_unknown_recipe_is_one_line_listing_the_shipped_ones(tmp_path: Path) -> None:
+    out = run("preprocess", str(tmp_path / "ds"), "--recipe", "tiny")
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, out.stderr
+    assert "'tiny'" in lines[0] and "shipped preprocess configs: default, small" in lines[0]
+
+
+def test_recipe_path_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    out = run("preprocess", str(tmp_path / "ds"), "--recipe", str(tmp_path / "mine.yaml"))
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"{tmp_path / 'mine.yaml'} does not exist" in lines[0]
+
+
+def test_recipe_by_shipped_name_or_by_path_reaches_the_dataset_check(tmp_path: Path) -> None:
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("name: mine\nfundus: {size: 64}\n", encoding="utf-8")
+    for given in ("small", str(recipe)):
+        out = run("preprocess", str(tmp_path / "ds"), "--recipe", given)
+        assert out.returncode == 2, out.stderr
+        assert "has no catalog.parquet" in out.stderr, (given, out.stderr)

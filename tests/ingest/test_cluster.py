@@ -2,68 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import secrets
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from eyehub.synth import generate_cohort
-
-RAY = str(Path(sys.executable).parent / "ray")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def two_node_cluster() -> Iterator[tuple[str, dict[str, str]]]:
-    """`ray start --head` and `ray start --address`, token-authenticated, on 127.0.0.1."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
-    temp = tempfile.mkdtemp(prefix="rayeh", dir="/tmp")  # short: Ray's socket paths
-    port = _free_port()
-    address = f"127.0.0.1:{port}"
-    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    try:
-        subprocess.run(
-            [
-                RAY,
-                "start",
-                "--head",
-                f"--port={port}",
-                "--include-dashboard=false",
-                f"--temp-dir={temp}",
-                *common,
-            ],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        subprocess.run(
-            [RAY, "start", f"--address={address}", *common],
-            env=env,
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
-        yield address, env
-    finally:
-        subprocess.run(
-            [RAY, "stop", "--force"], env=env, capture_output=True, timeout=120, check=False
-        )
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 @pytest.mark.slow

@@ -148,3 +148,32 @@ def test_the_config_keys_are_documented() -> None:
     doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
     for key in ("primary_task", "controls", "split.val", "training.epochs", "augmentation"):
         assert f"`{key}" in doc, key
+
+
+def test_layer_wise_decay_scales_each_vit_block_as_retfound_does() -> None:
+    from models.model import EyeNet
+    from training.config import TrainingSpec
+    from training.loop import build_optimizer
+
+    config = resolve_train_config(
+        _with(
+            model={"input": "fundus", "fundus_network": "vit-b16", "tasks": ["referable_dr"]},
+            preprocess={"fundus": {"size": 32}},
+        )
+    )
+    net = EyeNet(config.model, config.preprocess)
+    spec = TrainingSpec(lr=1.0, layer_decay=0.5)
+    optimizer = build_optimizer(net, spec)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(net.named_parameters())
+    blocks = 12
+    assert lr_of[id(named["fundus.vit.cls_token"])] == 0.5 ** (blocks + 1)
+    assert lr_of[id(named["fundus.vit.blocks.0.mlp.linear1.weight"])] == 0.5**blocks
+    assert lr_of[id(named["fundus.vit.blocks.11.mlp.linear1.weight"])] == 0.5
+    head = next(n for n in named if n.startswith("heads."))
+    assert lr_of[id(named[head])] == 1.0
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
+    assert decay_of[id(named["fundus.vit.cls_token"])] == 0.0
+    assert decay_of[id(named["fundus.vit.blocks.0.mlp.linear1.weight"])] == spec.weight_decay
+    plain = build_optimizer(net, TrainingSpec(lr=1.0))
+    assert {g["lr"] for g in plain.param_groups} == {1.0}
