@@ -142,11 +142,11 @@ def _register(config: TrainConfig, model: EyeModel, model_dir: Path, summary: An
         example = np.zeros((1, *model.recipe.oct.shape), "u1")
     else:
         example = np.zeros((1, 3, model.recipe.fundus.size, model.recipe.fundus.size), "u1")
-    output = EyePyfunc()
-    output.model = model
     name = REGISTERED_PREFIX + config.name
-    with warnings.catch_warnings():  # MLflow's hints about schemas it infers
+    with warnings.catch_warnings():  # MLflow's hints about type hints and inferred schemas
         warnings.simplefilter("ignore", UserWarning)
+        output = EyePyfunc()
+        output.model = model
         signature = infer_signature(example, output.predict(None, example))
         info = mlflow.pyfunc.log_model(
             name="model",

@@ -14,6 +14,7 @@ step.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import re
@@ -44,6 +45,7 @@ from training.data import (
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+NONFINITE = "nonfinite.json"  # in the run directory: where a run's loss stopped being finite
 
 
 # -- plain torch pieces ----------------------------------------------------------------------
@@ -350,9 +352,11 @@ def train_loop(config: dict[str, Any]) -> None:
                             "samples_per_s": rate,
                         }
                     )
-        if nonfinite is not None:
-            ray.train.report({"nonfinite_epoch": nonfinite[0], "nonfinite_step": nonfinite[1]})
-            if tracker is not None:
+        if nonfinite is not None:  # every worker saw it (the loss is all-reduced)
+            if rank == 0:
+                marker = {"epoch": nonfinite[0], "step": nonfinite[1]}
+                Path(config["run_dir"], NONFINITE).write_text(json.dumps(marker))
+                assert tracker is not None
                 tracker.log({"train/nonfinite_step": float(nonfinite[1])}, nonfinite[0])
             return
         metrics: dict[str, float] = {

@@ -36,6 +36,7 @@ from ingest.catalog import CATALOG
 from preprocess.recipe import recipe_id
 from training.config import TrainConfig
 from training.data import SampleArrays
+from training.loop import NONFINITE
 from training.splits import SplitReport, samples_for, split_samples
 
 log = logging.getLogger(__name__)
@@ -218,6 +219,7 @@ def run_training(
         tracking_uri,
         split=report,
     )
+    (folder / NONFINITE).unlink(missing_ok=True)
     try:
         started_ray = start_ray(os.cpu_count() or 2, settings.ray_address)
         try:
@@ -237,8 +239,10 @@ def run_training(
                 import ray
 
                 ray.shutdown()
-        if "nonfinite_epoch" in (result.metrics or {}):
-            epoch, step = result.metrics["nonfinite_epoch"], result.metrics["nonfinite_step"]
+        marker = folder / NONFINITE
+        if marker.is_file():
+            stopped = json.loads(marker.read_text(encoding="utf-8"))
+            epoch, step = stopped["epoch"], stopped["step"]
             raise TrainingError(
                 f"the loss became non-finite at epoch {int(epoch) + 1}, step {int(step) + 1}; "
                 "the last good checkpoint is kept in "
@@ -362,6 +366,7 @@ def _fit(
         "run_id": run_id,
         "progress": queue,
         "loader_workers": settings.loader_workers,
+        "run_dir": str(folder),
     }
     from training.loop import train_loop
 
