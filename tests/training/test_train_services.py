@@ -38,20 +38,24 @@ def dataset(ingested: tuple[Path, IngestSummary], tmp_path: Path) -> Path:
 @pytest.mark.slow
 @pytest.mark.cluster
 def test_two_workers_train_across_a_two_node_cluster(
-    dataset: Path,
-    tmp_path: Path,
-    two_node_cluster: tuple[str, dict[str, str]],
-    monkeypatch: pytest.MonkeyPatch,
+    dataset: Path, tmp_path: Path, two_node_cluster: tuple[str, dict[str, str]]
 ) -> None:
     address, env = two_node_cluster
-    for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
-        monkeypatch.setenv(key, env[key])
-    summary = run_training(
-        load_train_config("fundus_demo", [*FAST, "training.epochs=1"]),
-        dataset,
-        TrainSettings(home=tmp_path / "home", workers=2, cpus_per_worker=1, ray_address=address),
+    home = tmp_path / "home"
+    command = [*_train_command(dataset, "training.epochs=1"), "--workers", "2"]
+    command += ["--ray-address", address]
+    out = subprocess.run(
+        command,
+        env={**env, "EYEHUB_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
-    run = mlflow.MlflowClient(summary.tracking_uri).get_run(summary.run_id)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    client = mlflow.MlflowClient(f"sqlite:///{(home / 'mlflow.db').resolve()}")
+    run_id = json.loads(next((home / "runs").glob(f"*/{RUN_STATE}")).read_text())["run_id"]
+    run = client.get_run(run_id)
     assert run.data.tags["eyehub.train_workers"] == "2"
     assert len(run.data.tags["eyehub.train_nodes"].split(",")) == 2  # one worker per node
     assert "test/referable_dr/auroc" in run.data.metrics
