@@ -1,15 +1,46 @@
 """Ingest: ophthalmic DICOM to a de-identified OME-Zarr dataset, distributed with Ray.
 
 Public names: `run_ingest`, `IngestSettings`, `IngestSummary`, `HubKey`, `load_key`,
-`generate_key_file`, `read_scan` (the Ray-free reading kernel), `REASONS` (quarantine
-reason codes), and the dataset file names.
+`generate_key_file`, `load_scan` and `ScanPixels` (the Ray-free scan kernel: a DICOM file
+or its bytes to the pixels ingest stores, Clean Pixel Data included), `read_scan` (decode
+only), `REASONS` (quarantine reason codes), and the dataset file names.
+
+Names are imported from their submodule on first use (PEP 562): `from ingest import
+read_pixels` loads the store reader, not the Ray driver (`ingest.run`) or the converter.
 """
 
-from ingest.catalog import CATALOG, QUARANTINE
-from ingest.keys import HubKey, generate_key_file, load_key
-from ingest.reader import REASONS, DecodedScan, read_scan
-from ingest.run import IngestSettings, IngestSummary, parse_size, run_ingest
-from ingest.store import SCANS, read_pixels
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ingest.catalog import CATALOG, QUARANTINE
+    from ingest.kernel import ScanPixels, load_scan
+    from ingest.keys import HubKey, generate_key_file, load_key
+    from ingest.reader import REASONS, DecodedScan, read_scan
+    from ingest.run import IngestSettings, IngestSummary, parse_size, run_ingest
+    from ingest.store import SCANS, read_pixels
+
+# public name -> the submodule that defines it, imported when the name is first used
+_SOURCES = {
+    "CATALOG": "ingest.catalog",
+    "QUARANTINE": "ingest.catalog",
+    "ScanPixels": "ingest.kernel",
+    "load_scan": "ingest.kernel",
+    "HubKey": "ingest.keys",
+    "generate_key_file": "ingest.keys",
+    "load_key": "ingest.keys",
+    "REASONS": "ingest.reader",
+    "DecodedScan": "ingest.reader",
+    "read_scan": "ingest.reader",
+    "IngestSettings": "ingest.run",
+    "IngestSummary": "ingest.run",
+    "parse_size": "ingest.run",
+    "run_ingest": "ingest.run",
+    "SCANS": "ingest.store",
+    "read_pixels": "ingest.store",
+}
 
 __all__ = [
     "CATALOG",
@@ -20,10 +51,29 @@ __all__ = [
     "HubKey",
     "IngestSettings",
     "IngestSummary",
+    "ScanPixels",
     "generate_key_file",
     "load_key",
+    "load_scan",
     "parse_size",
     "read_pixels",
     "read_scan",
     "run_ingest",
 ]
+
+# mypy and editors see the imports above; only the interpreter sees __getattr__, so a
+# misspelt name is still a type error rather than Any
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """Import a public name's submodule on first use (PEP 562) and keep the name."""
+        source = _SOURCES.get(name)
+        if source is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(source), name)
+        globals()[name] = value
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_SOURCES})

@@ -41,6 +41,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID
 
 from eyehub.errors import InputError
+from eyehub.reasons import QUARANTINE_REASONS
 
 log = logging.getLogger(__name__)
 
@@ -63,22 +64,7 @@ UNDEFINED_LENGTH = 0xFFFFFFFF
 PIXEL_DATA_TAG = Tag(0x7FE0, 0x0010)
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"  # DICOMDIR: not an image, ignored
 
-REASONS = {
-    "not_dicom": "not a DICOM file (neither a DICM prefix nor File Meta Information)",
-    "truncated": "the file ends before its data elements (or its pixel data) do",
-    "no_pixel_data": "no Pixel Data element",
-    "pixel_data_short": "Pixel Data shorter than Rows x Columns x Frames says",
-    "corrupt_pixel_data": "the compressed pixel stream is damaged or cannot be decoded",
-    "unsupported_transfer_syntax": "no decoder installed for the transfer syntax",
-    "too_large": "declared decoded size above --max-decoded-bytes",
-    "missing_laterality": "no ImageLaterality, FrameLaterality or Laterality",
-    "inconsistent_geometry": "multi-frame geometry that cannot be put in order",
-    "not_ophthalmic": "not a fundus photograph or OCT volume",
-    "missing_patient_id": "no PatientID to pseudonymise",
-    "burned_in_annotation": "burned-in annotation that cannot be cleared",
-    "duplicate_instance": "another file holds the same SOP Instance UID with other bytes",
-    "unreadable": "unexpected error reading the file",
-}
+REASONS = QUARANTINE_REASONS  # the closed set of quarantine reason codes (eyehub/reasons.py)
 
 
 class DirectoryRecord(Exception):

@@ -5,6 +5,9 @@ fitted to minimise the negative log-likelihood of the validation labels; it chan
 confident the probabilities are, never their order. The decision threshold is then chosen
 on the calibrated validation probabilities as the highest one that still refers at least
 the target share of true positives (screening programmes ask for sensitivity 0.90 or more).
+
+SciPy and scikit-learn are imported by the functions that use them: scikit-learn's import
+alone takes about 1.5 s and loads pandas, which reading a model's settings does not need.
 """
 
 from __future__ import annotations
@@ -13,9 +16,6 @@ import logging
 import math
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit, log_expit
-from sklearn.metrics import roc_curve
 
 from eyehub.errors import DatasetError
 from eyehub.settings import Settings
@@ -55,6 +55,9 @@ def _labelled(logits: np.ndarray, labels: np.ndarray, task: str) -> tuple[np.nda
 def fit_temperature(logits: np.ndarray, labels: np.ndarray, task: str = "task") -> float:
     """The temperature T > 0 minimising the NLL of sigmoid(logits / T); NaN labels are
     ignored. Searched over log T in [-4, 4] (T from 0.02 to 55)."""
+    from scipy.optimize import minimize_scalar
+    from scipy.special import log_expit
+
     z, y = _labelled(logits, labels, task)
 
     def nll(log_t: float) -> float:
@@ -77,6 +80,8 @@ def threshold_at_sensitivity(
 ) -> Threshold:
     """The highest threshold t with sensitivity(p >= t) >= target on these samples, so
     specificity is as high as the target sensitivity allows."""
+    from sklearn.metrics import roc_curve
+
     if not 0.0 < target <= 1.0:
         raise DatasetError(f"target sensitivity must be in (0, 1]; got {target}")
     p, y = _labelled(probabilities, labels, task)
@@ -97,4 +102,6 @@ def threshold_at_sensitivity(
 
 
 def calibrated_probability(logits: np.ndarray, temperature: float) -> np.ndarray:
+    from scipy.special import expit
+
     return np.asarray(expit(np.asarray(logits, dtype=np.float64) / temperature))

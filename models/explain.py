@@ -4,22 +4,27 @@ the B-scan it weighted most.
 
 A map is the ReLU of the Grad-CAM of the task's `decision_score` (models/tasks.py),
 scaled so its maximum is 1 (0 stays "no evidence"; MONAI's default normaliser would flip
-the scale). Hooks are removed after each call, so
-explaining never slows later predictions.
+the scale).
+
+Grad-CAM hooks, gradients and the switch to eval mode happen on a private copy of the
+network made for each call, never on `model.net`: predictions and other explanations may
+use the model from other threads meanwhile. On 2 CPU cores the copy takes about 65 ms
+for DenseNet121 (explaining one 224-px image, copy included: about 330 ms) and 190 ms
+for ViT-B/16 (1.4 s).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.visualize import GradCAM
 from torch import nn
 
-from eyehub.errors import ConfigError
+from eyehub.errors import ConfigError, ModelError
 from models.model import EyeModel, EyeNet
 from models.networks import BScanAttention
 from models.tasks import TaskSpec, decision_score
@@ -82,6 +87,8 @@ class _TaskScore(nn.Module):
 
 
 def _gradcam(score: _TaskScore, layer: str, x: torch.Tensor) -> torch.Tensor:
+    from monai.visualize import GradCAM  # imported with MONAI's weight (models/networks.py)
+
     with _hooks_removed_after(score), torch.enable_grad():
         cam = GradCAM(score, target_layers="net." + layer, postprocessing=_scale_to_max)
         return cam(x, class_idx=0).detach()
@@ -92,22 +99,30 @@ def explain(
 ) -> list[Explanation]:
     """One explanation per sample of `inputs` (the network's inputs, as `model_inputs`
     gives them) for `task`, on `image` (fundus or oct; by default the model's only one,
-    or fundus for fusion)."""
+    or fundus for fusion). `model.net` is only read (copied)."""
     spec = model.task(task)
-    net = model.net
-    layers = net.gradcam_layers()
+    layers = model.net.gradcam_layers()
     image = image or ("fundus" if "fundus" in layers else "oct")
     if image not in layers:
         raise ConfigError(f"this model has no {image} input to explain; it has {list(layers)}")
     if image not in inputs:
-        raise ConfigError(f"explain needs the {image} input")
-    was_training = net.training
-    net.eval()
-    try:
-        samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(len(inputs[image]))]
-        return [_explain_one(net, spec, image, layers[image], one) for one in samples]
-    finally:
-        net.train(was_training)
+        raise ModelError(f"explain needs the {image} input")
+    model.net.check_inputs(**inputs)
+    net = _private_copy(model.net)
+    samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(len(inputs[image]))]
+    return [_explain_one(net, spec, image, layers[image], one) for one in samples]
+
+
+def _private_copy(net: EyeNet) -> EyeNet:
+    """A copy of `net` in eval mode, to hook and differentiate without touching `net`.
+
+    Made per call rather than cached per thread: a cached copy would have to be refreshed
+    from the shared weights at every call (they change while a model trains), which saves
+    only 30 ms for DenseNet121 and 160 ms for ViT-B/16 per call while keeping a second
+    network in memory per thread and model."""
+    private = copy.deepcopy(net)
+    private.zero_grad(set_to_none=True)  # the copy needs none of the shared gradients
+    return private.eval()
 
 
 def _explain_one(
@@ -120,9 +135,8 @@ def _explain_one(
         return Explanation(task.name, image, cam[0, 0].cpu().numpy())
     if isinstance(net.oct, BScanAttention):
         with torch.no_grad():
-            net(**inputs)
-        assert net.oct.last_attention is not None
-        attention = net.oct.last_attention[0].float().cpu().numpy()
+            _, weights = net.oct.forward_with_attention(x)
+        attention = weights[0].float().cpu().numpy()
         top = int(attention.argmax())
 
         def place(bscan: torch.Tensor) -> torch.Tensor:  # the volume with one B-scan swapped

@@ -10,6 +10,9 @@ A saved model is a directory (what MLflow stores as the model's artifacts):
 Inputs are the prepared uint8 tensors of preprocess (fundus [B, 3, S, S], OCT
 [B, D, H, W]); `model_inputs` turns them into the networks' float inputs, so training and
 scoring cannot normalise differently.
+
+Several threads may predict with one `EyeModel` at once: a forward pass stores nothing on
+a module, and `predict` leaves the network in the train/eval mode it found.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +31,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
-from eyehub.errors import ConfigError, DatasetError, NotFoundError
+from eyehub.errors import ConfigError, ModelError, NotFoundError
 from eyehub.settings import Settings
 from models.calibration import (
     DEFAULT_SENSITIVITY,
@@ -41,6 +45,7 @@ from models.networks import (
     FUNDUS_NETWORKS,
     GRADCAM_LAYERS,
     OCT_NETWORKS,
+    BScanAttention,
     fundus_encoder,
     oct_encoder,
 )
@@ -64,6 +69,10 @@ _RGB_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _RGB_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 _AGE_MEAN, _AGE_STD = 60.0, 15.0
 _SEX_CODES = {"M": 1.0, "F": 0.0}  # anything else (unknown): 0.5
+# Held while `predict` switches a network in training mode to eval and back (see
+# EyeModel._eval_outputs). A network in eval mode (loaded for scoring) is never switched,
+# and predictions on it take no lock.
+_MODE_SWITCH = threading.Lock()
 
 
 class ModelSpec(Settings):
@@ -123,12 +132,18 @@ class EyeNet(nn.Module):
     """Encoders for the spec's inputs, late fusion, and one head per task.
 
     forward(fundus, oct, clinical) -> {task: raw output}: binary and regression (B, 1),
-    ordinal (B, K-1) CORAL logits."""
+    ordinal (B, K-1) CORAL logits. `forward_with_attention` also returns the OCT
+    attention over B-scans (bscan-attention). Inputs the network cannot take (missing, of
+    the wrong shape or type) are refused with a `ModelError`."""
 
     def __init__(self, spec: ModelSpec, recipe: Recipe) -> None:
         super().__init__()
         self.spec = spec
         _check_shapes(spec, recipe)
+        # the ViT's position grid is fixed by the recipe's size; the CNNs take any size
+        self.fixed_fundus_size = (
+            recipe.fundus.size if spec.uses_fundus and spec.fundus_network == "vit-b16" else None
+        )
         self.fundus = (
             fundus_encoder(spec.fundus_network, recipe.fundus.size, spec.features)
             if spec.uses_fundus
@@ -171,28 +186,100 @@ class EyeNet(nn.Module):
         oct: torch.Tensor | None = None,
         clinical: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        return self.forward_with_attention(fundus, oct, clinical)[0]
+
+    def forward_with_attention(
+        self,
+        fundus: torch.Tensor | None = None,
+        oct: torch.Tensor | None = None,
+        clinical: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+        """{task: raw output} and, for a bscan-attention OCT network, its attention (B, D)
+        over the B-scans (None for other networks)."""
+        self.check_inputs(fundus, oct, clinical)
         parts = []
-        if self.fundus is not None:
-            if fundus is None:
-                raise DatasetError("this model needs a fundus image")
+        attention = None
+        if self.fundus is not None and fundus is not None:
             parts.append(self.fundus(fundus))
-        if self.oct is not None:
-            if oct is None:
-                raise DatasetError("this model needs an OCT volume")
-            parts.append(self.oct(oct))
-        if self.spec.clinical:
-            if clinical is None:
-                raise DatasetError(f"this model needs clinical inputs {list(self.spec.clinical)}")
+        if self.oct is not None and oct is not None:
+            if isinstance(self.oct, BScanAttention):
+                features, attention = self.oct.forward_with_attention(oct)
+                parts.append(features)
+            else:
+                parts.append(self.oct(oct))
+        if self.spec.clinical and clinical is not None:
             parts.append(clinical.to(parts[0].dtype))
         x = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
         if self.fuse is not None:
             x = self.fuse(x)
         result: dict[str, torch.Tensor] = self.heads(self.dropout(x))
-        return result
+        return result, attention
+
+    def check_inputs(
+        self,
+        fundus: torch.Tensor | None = None,
+        oct: torch.Tensor | None = None,
+        clinical: torch.Tensor | None = None,
+    ) -> None:
+        """Raise ModelError for inputs the networks cannot take (a missing input, integer
+        pixels, a wrong layout or too small a side, batch sizes that differ), naming what is
+        wrong, instead of letting a network fail with a shape mismatch."""
+        batch: dict[str, int] = {}
+        if self.fundus is not None:
+            fundus = _check_image("fundus image", fundus, "(B, 3, S, S)", (3, _MIN_SIDE, _MIN_SIDE))
+            side = self.fixed_fundus_size
+            if side is not None and tuple(fundus.shape[2:]) != (side, side):
+                raise ModelError(
+                    f"the fundus image is {list(fundus.shape[2:])}; this vit-b16 model takes "
+                    f"[{side}, {side}] (the recipe's fundus.size)"
+                )
+            batch["fundus"] = fundus.shape[0]
+        if self.oct is not None:
+            depth = _MIN_SIDE if self.spec.oct_network == "densenet121-3d" else 1
+            oct = _check_image(
+                "OCT volume", oct, "(B, 1, D, H, W)", (1, depth, _MIN_SIDE, _MIN_SIDE)
+            )
+            batch["oct"] = oct.shape[0]
+        if self.spec.clinical:
+            want = len(self.spec.clinical)
+            if clinical is None:
+                raise ModelError(f"this model needs clinical inputs {list(self.spec.clinical)}")
+            if clinical.ndim != 2 or clinical.shape[1] != want:
+                raise ModelError(
+                    f"clinical inputs have shape {list(clinical.shape)}; this model takes "
+                    f"(B, {want}): {list(self.spec.clinical)}"
+                )
+            batch["clinical"] = clinical.shape[0]
+        if len(set(batch.values())) > 1:
+            raise ModelError(f"the inputs' batch sizes differ: {batch}")
 
 
 # DenseNet and ResNet downsample 32 times and pool 2x2 after their 4th stage
 _MIN_SIDE = 32
+
+
+def _check_image(
+    what: str, x: torch.Tensor | None, layout: str, least: tuple[int, ...]
+) -> torch.Tensor:
+    """`x` when it is a float tensor of the layout, with the channels least[0] and each
+    spatial side at least least[1:]; a ModelError naming what is wrong otherwise."""
+    if x is None:
+        raise ModelError(f"this model needs {'an' if what[0] in 'AEIOU' else 'a'} {what}")
+    if not isinstance(x, torch.Tensor) or not torch.is_floating_point(x):
+        kind = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ModelError(
+            f"the {what} is {kind}; the network takes float tensors "
+            "(pass prepared uint8 tensors through models.model_inputs)"
+        )
+    shape = list(x.shape)
+    if x.ndim != len(least) + 1 or shape[1] != least[0]:
+        raise ModelError(f"the {what} has shape {shape}; this model takes {layout}")
+    if any(n < m for n, m in zip(shape[2:], least[1:], strict=True)):
+        raise ModelError(
+            f"the {what} has shape {shape}; this model takes {layout} with the sides after "
+            f"the channel at least {list(least[1:])}"
+        )
+    return x
 
 
 def _check_shapes(spec: ModelSpec, recipe: Recipe) -> None:
@@ -243,7 +330,7 @@ def model_inputs(
         n = len(images[0]) if images else len(age) if age is not None else len(sex or [])
         for values, name in ((age, "age"), (sex, "sex")):
             if values is not None and len(values) != n:
-                raise DatasetError(f"{name} has {len(values)} values for a batch of {n}")
+                raise ModelError(f"{name} has {len(values)} values for a batch of {n}")
         ages = age if age is not None else [None] * n
         sexes = sex if sex is not None else [None] * n
         for name in spec.clinical:
@@ -273,6 +360,7 @@ class EyeModel:
         self.temperatures = dict(temperatures or {})
         self.thresholds = dict(thresholds or {})
         self.info = dict(info or {})
+        self._switched = False  # predict has switched a training network to eval for now
 
     @classmethod
     def create(cls, spec: ModelSpec, recipe: Recipe) -> EyeModel:
@@ -308,9 +396,10 @@ class EyeModel:
 
         binary: `probability`, `refer` (when a threshold is set); ordinal: `grades` (B, K)
         and `grade`, plus `probability` of referral and `refer` with refer_from;
-        regression: `value` in the target's units."""
-        self.net.eval()
-        outputs = self.net(**inputs)
+        regression: `value` in the target's units.
+
+        Runs in eval mode and leaves the network in the mode it found."""
+        outputs = self._eval_outputs(inputs)
         result: dict[str, dict[str, np.ndarray]] = {}
         for t in self.tasks:
             out = outputs[t.name].float()
@@ -331,6 +420,25 @@ class EyeModel:
             if "probability" in entry and t.name in self.thresholds:
                 entry["refer"] = entry["probability"] >= self.thresholds[t.name].value
             result[t.name] = entry
+        return result
+
+    def _eval_outputs(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network's outputs in eval mode. A network in eval mode is only read, so any
+        number of threads share it; one in training mode is switched to eval and back under
+        a lock, and `_switched` (set before the switch, cleared after the switch back) sends
+        a prediction that finds it in eval mode meanwhile to wait for the lock as well."""
+        if not self.net.training and not self._switched:
+            result: dict[str, torch.Tensor] = self.net(**inputs)
+            return result
+        with _MODE_SWITCH:
+            was_training = self.net.training
+            self._switched = True
+            self.net.eval()
+            try:
+                result = self.net(**inputs)
+            finally:
+                self.net.train(was_training)
+                self._switched = False
         return result
 
     def calibrate(
@@ -400,44 +508,61 @@ class EyeModel:
 
     @classmethod
     def load(cls, path: Path, device: torch.device | str = "cpu") -> EyeModel:
-        """Read a model directory written by `save`."""
+        """Read a model directory written by `save`, in eval mode.
+
+        Raises NotFoundError when there is no model at `path`, ModelError when the model
+        is damaged, foreign, or of a format version this eyehub does not read."""
         path = Path(path)
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            raise NotFoundError(f"no eyehub model at {path} (expected {MANIFEST} in it)")
-        try:
-            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise DatasetError(f"{manifest_path} is not valid JSON; the model is damaged") from None
-        if manifest.get("format") != FORMAT:
-            raise DatasetError(f"{path} is not an eyehub model (format {manifest.get('format')!r})")
-        if manifest.get("version") != FORMAT_VERSION:
-            raise DatasetError(
-                f"{path} is an eyehub model of format version {manifest.get('version')}; this "
-                f"eyehub reads version {FORMAT_VERSION} (use the eyehub that trained it)"
-            )
+        manifest = _read_manifest(path)
         weights = path / WEIGHTS
         if not weights.is_file() or _sha256(weights) != manifest.get("weights_sha256"):
-            raise DatasetError(f"{weights} is missing or does not match the model's manifest")
-        spec = ModelSpec.from_dict(manifest["spec"])
-        recipe = Recipe.from_dict(manifest["recipe"])
+            raise ModelError(f"{weights} is missing or does not match the model's manifest")
+        try:
+            spec = ModelSpec.from_dict(manifest["spec"])
+            recipe = Recipe.from_dict(manifest["recipe"])
+            temperatures = {k: float(v) for k, v in manifest["temperatures"].items()}
+            thresholds = {k: Threshold.from_dict(v) for k, v in manifest["thresholds"].items()}
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:  # ConfigError too
+            raise ModelError(f"{path / MANIFEST} is damaged: {exc}") from None
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as exc:  # any unreadable file is the same damaged model
+            raise ModelError(
+                f"{weights} cannot be read safely as weights ({type(exc).__name__}); "
+                "the model is damaged"
+            ) from None
         net = EyeNet(spec, recipe)  # built bare: its pretrained files are not reread
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        try:
+            net.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            detail = " ".join(str(exc).split())
+            raise ModelError(
+                f"{weights} does not fit the network the manifest describes; the model is "
+                f"damaged ({detail[:300]})"
+            ) from None
         net.to(device).eval()
-        model = cls(
-            spec,
-            recipe,
-            net,
-            {k: float(v) for k, v in manifest["temperatures"].items()},
-            {k: Threshold.from_dict(v) for k, v in manifest["thresholds"].items()},
-            manifest.get("info", {}),
+        return cls(spec, recipe, net, temperatures, thresholds, manifest.get("info", {}))
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise NotFoundError(f"no eyehub model at {path} (expected {MANIFEST} in it)")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ModelError(f"{manifest_path} is not valid JSON; the model is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else None
+        raise ModelError(f"{path} is not an eyehub model (format {found!r})")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise ModelError(
+            f"{path} is an eyehub model of format version {manifest.get('version')}; this "
+            f"eyehub reads version {FORMAT_VERSION} (use the eyehub that trained it)"
         )
-        return model
+    return manifest
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -8,12 +8,19 @@ two feature vectors, plus optional age and sex, are concatenated and projected.
 
 Each network also names the layer Grad-CAM reads (`GRADCAM_LAYERS`): the last
 convolutional feature map, or for the ViT the patch-token grid entering its last block.
+
+No module holds state from a forward pass (several threads may share one network): the
+attention of `bscan-attention` comes back from `forward_with_attention`.
+
+MONAI is imported where a network is built, not with this module: its package import
+loads all of MONAI's subpackages and every optional dependency that is installed (MLflow,
+pydicom, OpenCV, pandas, ...; about 4 s on 2 cores), which reading a `ModelSpec` or a
+saved model's manifest does not need.
 """
 
 from __future__ import annotations
 
 import torch
-from monai.networks import nets
 from torch import nn
 
 from eyehub.errors import ConfigError
@@ -38,6 +45,8 @@ VIT_PATCH = 16
 
 def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.Module:
     """A MONAI 2-D network whose classifier layer outputs `features` values."""
+    from monai.networks import nets
+
     if name == "densenet121":
         return nets.DenseNet121(spatial_dims=2, in_channels=3, out_channels=features)
     if name == "efficientnet-b0":
@@ -89,6 +98,8 @@ class ViTFeatures(nn.Module):
                 f"vit-b16 needs an image size divisible by {VIT_PATCH}; the recipe gives "
                 f"{image_size} (set preprocess fundus.size to, say, {nearest})"
             )
+        from monai.networks import nets
+
         self.vit = nets.ViT(
             in_channels=3,
             img_size=(image_size, image_size),
@@ -120,24 +131,32 @@ class ViTFeatures(nn.Module):
 
 class BScanAttention(nn.Module):
     """2.5-D OCT network: a 2-D DenseNet121 per B-scan, attention pooling across B-scans
-    (Ilse et al. 2018). `last_attention` holds the weights of the last forward pass."""
+    (Ilse et al. 2018). `forward_with_attention` also returns the attention weights, which
+    say which B-scans mattered."""
 
     def __init__(self, features: int = FEATURES) -> None:
         super().__init__()
+        from monai.networks import nets
+
         self.encoder = nets.DenseNet121(spatial_dims=2, in_channels=1, out_channels=features)
         self.score = nn.Sequential(nn.Linear(features, 64), nn.Tanh(), nn.Linear(64, 1))
-        self.last_attention: torch.Tensor | None = None
 
-    def forward(self, volume: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W)
+    def forward_with_attention(self, volume: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (B, F) of a volume (B, 1, D, H, W) and the attention (B, D) over its
+        B-scans (each row sums to one)."""
         b, _, d, h, w = volume.shape
         per_bscan = self.encoder(volume.permute(0, 2, 1, 3, 4).reshape(b * d, 1, h, w))
         per_bscan = per_bscan.reshape(b, d, -1)
         attention = torch.softmax(self.score(per_bscan)[..., 0], dim=1)  # (B, D)
-        self.last_attention = attention.detach()
-        return (attention[..., None] * per_bscan).sum(dim=1)
+        return (attention[..., None] * per_bscan).sum(dim=1), attention
+
+    def forward(self, volume: torch.Tensor) -> torch.Tensor:  # (B, 1, D, H, W)
+        return self.forward_with_attention(volume)[0]
 
 
 def oct_encoder(name: str, features: int = FEATURES) -> nn.Module:
+    from monai.networks import nets
+
     if name == "densenet121-3d":
         return nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=features)
     if name == "bscan-attention":

@@ -3,6 +3,7 @@ loaded together, predicting the same afterwards."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from eyehub.errors import ConfigError, DatasetError, NotFoundError
+from eyehub.errors import ConfigError, ModelError, NotFoundError
 from models.model import EyeModel, ModelSpec, model_inputs
 from preprocess.recipe import FundusRecipe, OctRecipe, Recipe, recipe_id
 
@@ -106,17 +107,59 @@ def test_damaged_or_foreign_models_are_refused(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="no eyehub model"):
         EyeModel.load(tmp_path / "nothing")
     path = _calibrated_model().save(tmp_path / "model")
-    manifest = json.loads((path / "eyehub-model.json").read_text())
-    manifest["version"] = 99
-    (path / "eyehub-model.json").write_text(json.dumps(manifest))
-    with pytest.raises(DatasetError, match="format version 99"):
+    manifest_path = path / "eyehub-model.json"
+    good = json.loads(manifest_path.read_text())
+
+    def load_with(manifest: object) -> None:
+        manifest_path.write_text(json.dumps(manifest))
         EyeModel.load(path)
-    manifest["version"] = 1
-    (path / "eyehub-model.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(ModelError, match="format version 99"):
+        load_with({**good, "version": 99})
+    with pytest.raises(ModelError, match="not an eyehub model"):
+        load_with({**good, "format": "onnx"})
+    with pytest.raises(ModelError, match="not an eyehub model"):
+        load_with([good])
+    with pytest.raises(ModelError, match="damaged"):
+        load_with({k: v for k, v in good.items() if k != "recipe"})
+    with pytest.raises(ModelError, match="damaged"):
+        load_with({**good, "spec": {**good["spec"], "features": "wide"}})
+    # a spec that does not describe the saved weights (the digest covers the weights only)
+    with pytest.raises(ModelError, match=r"does not fit the network.*damaged"):
+        load_with({**good, "spec": {**good["spec"], "features": 32}})
+    manifest_path.write_text("{not json")
+    with pytest.raises(ModelError, match="not valid JSON"):
+        EyeModel.load(path)
+    manifest_path.write_text(json.dumps(good))
     with (path / "weights.pt").open("ab") as fh:
         fh.write(b"\0")
-    with pytest.raises(DatasetError, match="does not match"):
+    with pytest.raises(ModelError, match="does not match"):
         EyeModel.load(path)
+
+
+def test_the_weights_digest_is_the_files_sha256(tmp_path: Path) -> None:
+    path = _calibrated_model().save(tmp_path / "model")
+    manifest = json.loads((path / "eyehub-model.json").read_text())
+    data = (path / "weights.pt").read_bytes()
+    assert manifest["weights_sha256"] == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_predict_leaves_the_network_in_the_mode_it_found(mode: str) -> None:
+    model = _calibrated_model()
+    x = _inputs(model.spec)
+    model.net.train(mode == "train")
+    buffers = {k: v.clone() for k, v in model.net.state_dict().items()}
+    first = model.predict(x)
+    assert model.net.training == (mode == "train")
+    assert {m.training for m in model.net.modules()} == {mode == "train"}
+    # predicted in eval mode: batch-norm statistics untouched, the same answer twice
+    after = model.net.state_dict()
+    assert [k for k, v in buffers.items() if not torch.equal(v, after[k])] == []
+    second = model.predict(x)
+    for task, entry in first.items():
+        for key, value in entry.items():
+            assert np.array_equal(value, second[task][key]), (task, key)
 
 
 def test_inputs_are_normalised_the_same_way_everywhere() -> None:
@@ -168,5 +211,5 @@ def test_clinical_inputs_default_to_unknown_and_must_match_the_batch() -> None:
     oct_ = torch.zeros(3, 3, 32, 32, dtype=torch.uint8)
     x = model_inputs(spec, fundus, oct_)
     assert x["clinical"].tolist() == [[0.0, 0.5]] * 3
-    with pytest.raises(DatasetError, match="age has 2 values for a batch of 3"):
+    with pytest.raises(ModelError, match="age has 2 values for a batch of 3"):
         model_inputs(spec, fundus, oct_, age=[50.0, 60.0])

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from eyehub.errors import ConfigError
+from eyehub.errors import ConfigError, ModelError
 from models.model import EyeNet, ModelSpec
 from models.networks import FUNDUS_NETWORKS, OCT_NETWORKS, BScanAttention
 from models.tasks import multitask_loss, ordinal_probabilities
@@ -107,12 +107,60 @@ def test_every_architecture_overfits_a_small_batch(inp: str, fundus: str, oct_ne
 def test_bscan_attention_says_which_bscans_mattered() -> None:
     net = _net("oct", "densenet121", "bscan-attention")
     net.eval()
+    volume = torch.randn(2, 1, 4, 32, 32)
     with torch.no_grad():
-        net(oct=torch.randn(2, 1, 4, 32, 32))
-    assert isinstance(net.oct, BScanAttention)
-    attention = net.oct.last_attention
+        outputs, attention = net.forward_with_attention(oct=volume)
+        plain = net(oct=volume)
     assert attention is not None and attention.shape == (2, 4)
     assert torch.allclose(attention.sum(dim=1), torch.ones(2))
+    assert [k for k in plain if not torch.equal(outputs[k], plain[k])] == []
+    # the weights pool the per-B-scan features: one B-scan's weight is its share
+    assert isinstance(net.oct, BScanAttention)
+    with torch.no_grad():
+        features, again = net.oct.forward_with_attention(volume)
+        per_bscan = net.oct.encoder(volume[0].permute(1, 0, 2, 3))  # (D, F)
+    assert torch.equal(again, attention)
+    assert torch.allclose(features[0], (attention[0, :, None] * per_bscan).sum(0), atol=1e-5)
+    # nothing of the pass is kept on the module (several threads may share it)
+    kept = [
+        (name, key)
+        for name, module in net.named_modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    assert kept == [], "a forward pass left a tensor on a module"
+
+
+def test_other_networks_have_no_attention() -> None:
+    net = _net("oct", "densenet121", "densenet121-3d")
+    with torch.no_grad():
+        _, attention = net.eval().forward_with_attention(oct=torch.randn(1, 1, 32, 32, 32))
+    assert attention is None
+
+
+def test_inputs_the_network_cannot_take_are_model_errors() -> None:
+    net = _net("fusion", "resnet50", "bscan-attention").eval()
+    x = _batch(net)
+    with pytest.raises(ModelError, match="needs a fundus image"):
+        net(oct=x["oct"], clinical=x["clinical"])
+    with pytest.raises(ModelError, match="needs an OCT volume"):
+        net(fundus=x["fundus"], clinical=x["clinical"])
+    with pytest.raises(ModelError, match=r"needs clinical inputs \['age', 'sex'\]"):
+        net(fundus=x["fundus"], oct=x["oct"])
+    with pytest.raises(ModelError, match=r"torch.uint8.*models.model_inputs"):
+        net(**{**x, "fundus": torch.zeros(4, 3, 32, 32, dtype=torch.uint8)})
+    with pytest.raises(ModelError, match=r"shape \[4, 4, 32, 32\]; this model takes \(B, 1, D"):
+        net(**{**x, "oct": x["oct"][:, 0]})  # the channel axis forgotten
+    with pytest.raises(ModelError, match=r"at least \[32, 32\]"):
+        net(**{**x, "fundus": x["fundus"][:, :, :16, :16]})
+    with pytest.raises(ModelError, match=r"clinical inputs have shape \[4, 1\]"):
+        net(**{**x, "clinical": x["clinical"][:, :1]})
+    with pytest.raises(ModelError, match="batch sizes differ"):
+        net(**{**x, "oct": x["oct"][:2]})
+    vit = _net("fundus", "vit-b16", "bscan-attention").eval()
+    with pytest.raises(ModelError, match=r"vit-b16 model takes \[32, 32\]"):
+        vit(fundus=torch.randn(1, 3, 64, 64))
+    assert ModelError.http_status == 422  # what the scoring service answers
 
 
 def test_unknown_networks_and_too_small_inputs_are_config_errors() -> None:
