@@ -49,7 +49,8 @@ def lesion_model() -> tuple[EyeModel, torch.Tensor, np.ndarray, np.ndarray]:
 def test_gradcam_puts_most_of_its_mass_on_the_planted_lesion(lesion_model) -> None:  # type: ignore[no-untyped-def]
     model, x, labels, masks = lesion_model
     p = model.predict({"fundus": x})["lesion"]["probability"]
-    assert ((p > 0.5) == labels).mean() >= 0.9  # it learned the lesion; now: does it look there
+    # it learned the lesion (at least 14 of the 16 held out); now: does it look there
+    assert ((p > 0.5) == labels).mean() >= 0.85
     positives = np.flatnonzero(labels)
     explanations = explain(model, {"fundus": x[positives]}, "lesion")
     upsample = default_upsampler((SIZE, SIZE))

@@ -96,8 +96,14 @@ def test_a_run_registers_a_calibrated_model_with_its_full_record(
     out = model.predict(np.zeros((2, 3, 128, 128), dtype=np.uint8))
     assert len(out) == 2 and "referable_dr/probability" in out.columns
     # nothing that identifies a patient went to MLflow
-    phi = json.loads((small_cohort / "phi.json").read_text())
-    planted = {str(v) for p in phi.values() for v in (p.values() if isinstance(p, dict) else p)}
+    def strings(node: object) -> list[str]:
+        if isinstance(node, dict):
+            return [s for v in node.values() for s in strings(v)]
+        if isinstance(node, list):
+            return [s for v in node for s in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    planted = {v for v in strings(json.loads((small_cohort / "phi.json").read_text()))}
     planted = {v for v in planted if len(v) >= 6}
     blob = (home / "mlflow.db").read_bytes()
     for folder in (home / "mlruns", home / "runs"):
