@@ -11,8 +11,9 @@ read_pixels` loads the store reader, not the Ray driver (`ingest.run`) or the co
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from eyehub.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from ingest.catalog import CATALOG, QUARANTINE
@@ -64,16 +65,4 @@ __all__ = [
 # mypy and editors see the imports above; only the interpreter sees __getattr__, so a
 # misspelt name is still a type error rather than Any
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        """Import a public name's submodule on first use (PEP 562) and keep the name."""
-        source = _SOURCES.get(name)
-        if source is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(source), name)
-        globals()[name] = value
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SOURCES})
+    __getattr__, __dir__ = lazy_exports(__name__, _SOURCES, globals())

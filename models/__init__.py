@@ -15,10 +15,11 @@ neither MONAI nor anything of ingest and preprocess beyond the `Recipe`.
 
 from __future__ import annotations
 
-import importlib
 import sys
 import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from eyehub.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from models.calibration import Threshold, fit_temperature, threshold_at_sensitivity
@@ -70,19 +71,7 @@ __all__ = [
 # mypy and editors see the imports above; only the interpreter sees __getattr__, so a
 # misspelt name is still a type error rather than Any
 if not TYPE_CHECKING:
-
-    def __getattr__(name: str) -> Any:
-        """Import a public name's submodule on first use (PEP 562) and keep the name."""
-        source = _SOURCES.get(name)
-        if source is None:
-            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(source), name)
-        globals()[name] = value
-        return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_SOURCES})
+    __getattr__, __dir__ = lazy_exports(__name__, _SOURCES, globals())
 
 
 class _Package(types.ModuleType):
