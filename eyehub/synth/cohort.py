@@ -88,6 +88,8 @@ TRUTH_COLUMNS = (
     "ascan_spacing_mm",
     "illumination",
     "oct_signal",
+    "disc_radius",
+    "choroid_mm",
 )
 
 
@@ -263,6 +265,7 @@ def _patient_files(
                     "macula_y": round(ftruth.macula_y, 3),
                     "pixel_spacing_mm": round(pixel_mm, 6),
                     "illumination": round(illumination, 3),
+                    "disc_radius": round(ftruth.disc_radius, 3),
                 }
             )
 
@@ -322,6 +325,7 @@ def _patient_files(
                     "depth_spacing_mm": round(spacing.depth_mm, 6),
                     "ascan_spacing_mm": round(spacing.ascan_mm, 6),
                     "oct_signal": round(signal, 3),
+                    "choroid_mm": round(otruth.choroid_mm, 4),
                 }
             )
             labels.append(_label_row(rng, patient, ev, date))

@@ -94,6 +94,38 @@ def vessel_tree(identity_seed: int) -> list[_Vessel]:
     return vessels
 
 
+TESSELLATION_CONTRAST = 0.3  # brightness swing of the choroidal pattern at tessellation 1
+
+
+def choroidal_pattern(
+    identity_seed: int, eye: str, shape: tuple[int, int], fovea: np.ndarray, r: float, sign: float
+) -> np.ndarray:
+    """The eye's choroidal vessels as seen through the retina: 1 on a vessel, 0 between.
+
+    Curved lines running out from the posterior pole (the zero crossings of a smooth random
+    field in polar coordinates about the fovea, stretched along the radius), about 0.04 FOV
+    radii wide and 0.08 apart half-way out, on an image of `shape` (rows, columns) with the
+    fovea at `fovea` (x, y); `sign` mirrors right eyes. Seeded by the patient and eye: the
+    same at every visit and image size. Large images get the pattern computed on a grid of
+    about 160 points per FOV radius, then interpolated.
+    """
+    rng = np.random.default_rng([identity_seed, 0xC40, 0 if eye == "R" else 1])
+    n_angle, n_radius = 48, 8
+    field = rng.normal(0, 1, size=(n_radius, n_angle)).astype(np.float32)
+    height, width = shape
+    k = max(1, round(r / 160))
+    ys, xs = np.mgrid[0 : -(-height // k), 0 : -(-width // k)].astype(np.float32)
+    dx = (xs + 0.5) * k - 0.5 - np.float32(fovea[0])
+    dy = (ys + 0.5) * k - 0.5 - np.float32(fovea[1])
+    u = (np.arctan2(dy, sign * dx) + np.pi) * np.float32(n_angle / (2 * np.pi))
+    v = np.minimum(np.hypot(dx, dy) / np.float32(0.5 * r), np.float32(n_radius - 1.01))
+    value = cv2.remap(field, u, v, cv2.INTER_CUBIC, borderMode=cv2.BORDER_WRAP)
+    out: np.ndarray = np.exp(-((value / np.float32(0.3)) ** 2))
+    if k > 1:
+        out = cv2.resize(out, (width, height), interpolation=cv2.INTER_LINEAR)
+    return out
+
+
 def _supersample(min_side: int) -> int:
     return int(np.clip(math.ceil(1024 / max(min_side, 1)), 1, 4))
 
@@ -125,10 +157,12 @@ def render_fundus(
     cy = (H - 1) / 2 + rng.normal(0, 0.01) * r
     sign = -1.0 if eye == "R" else 1.0  # canonical +x is temporal; mirror for right eyes
 
-    # optic disc and macula centres (about 2.5 disc diameters apart)
-    disc_c = np.array([cx - sign * 0.42 * r, cy + rng.normal(0, 0.02) * r])
+    # optic disc and macula centres (about 2.5 disc diameters apart; the disc's size and
+    # its distance from the fovea differ by sex, see phenotype.SEX_ANATOMY)
+    disc_dy = rng.normal(0, 0.02) * r
     mac_c = np.array([cx + sign * 0.05 * r, cy + rng.normal(0, 0.015) * r])
-    disc_r = 0.095 * r
+    disc_c = np.array([mac_c[0] - sign * 0.47 * signs.disc_fovea_scale * r, cy + disc_dy])
+    disc_r = 0.095 * signs.disc_scale * r
 
     yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
     d_fov = np.hypot(xx - cx, yy - cy) / r
@@ -141,8 +175,15 @@ def render_fundus(
         rng.normal(0, 1, size=(24, 24)).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC
     )
     shade = (1.0 - 0.38 * d_fov**2) * (1.0 + 0.035 * tex)
-    # macula: darker, with a small foveal reflex
     d_mac = np.hypot(xx - mac_c[0], yy - mac_c[1]) / r
+    if signs.tessellation > 0:
+        # tessellation: the choroidal vessels show through a thinner pigment layer outside
+        # the macula; the pattern is the eye's own, its mean brightness unchanged
+        pattern = choroidal_pattern(identity_seed, eye, (H, W), mac_c, r, sign)
+        away = np.clip((d_mac - 0.22) / 0.3, 0.0, 1.0)
+        pattern -= float((pattern * away).sum() / max(float(away.sum()), 1.0))
+        shade *= 1.0 + TESSELLATION_CONTRAST * signs.tessellation * away * pattern
+    # macula: darker, with a small foveal reflex
     shade *= 1.0 - 0.32 * np.exp(-(d_mac**2) / (2 * 0.11**2))
     img = shade[..., None] * pig
     img += (0.10 * np.exp(-(d_mac**2) / (2 * 0.008**2)))[..., None]

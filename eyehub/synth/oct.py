@@ -26,6 +26,7 @@ _BANDS = (
     ("rpe", 0.95),
     ("choroid", 0.42),
 )
+_SCLERA = 0.06  # below the choroid
 # normal thickness (mm) of each retinal band between the ILM and the choroid, parafoveal
 _THICKNESS = {
     "rnfl": 0.030,
@@ -55,6 +56,7 @@ class OctTruth:
     fovea_bscan: int
     central_thickness_mm: float  # ILM to RPE base at the fovea
     mean_rnfl_mm: float
+    choroid_mm: float  # Bruch's membrane to the sclera at the fovea
 
 
 def render_oct(
@@ -116,6 +118,9 @@ def render_oct(
     tops.append(bruch)  # the choroid begins at Bruch's membrane
     bounds = np.stack(tops)  # (n_bands - 1, n_z, n_x)
 
+    # choroidal thickness (it differs by sex): thickest under the fovea, thinner nasally
+    choroid = signs.choroid_mm * (1.0 - 0.1 * np.clip(nasal, 0, 3)) * (0.95 + 0.05 * pit)
+
     levels = np.array([b[1] for b in _BANDS], np.float32)
     dy = geometry.depth_mm / n_y
     depth_axis = (np.arange(n_y, dtype=np.float32) + 0.5) * dy
@@ -130,9 +135,10 @@ def render_oct(
             depth_axis[:, None] < b[-1][None, :]
         )
         img = np.where(under, 0.5, img)
-        # choroid fades with depth
-        below = np.clip((depth_axis[:, None] - b[-1][None, :]) / 0.35, 0, None)
-        img = np.where(band == len(levels) - 1, img * np.exp(-below), img)
+        # the choroid fades with depth and ends at the darker sclera
+        below = depth_axis[:, None] - b[-1][None, :]
+        img = np.where(band == len(levels) - 1, img * np.exp(-np.clip(below, 0, None) / 0.35), img)
+        img = np.where(below > choroid[k][None, :], _SCLERA, img)
         for cz, cx, cy, rx, ry in cysts:  # intraretinal fluid: dark cystoid spaces
             dz = (zs[k] - cz) / rx
             if abs(dz) < 1:
@@ -149,7 +155,10 @@ def render_oct(
     kx = int(np.argmin(np.abs(xs - fx)))
     central = float(total[kz, kx])
     return vol, OctTruth(
-        fovea_bscan=kz, central_thickness_mm=central, mean_rnfl_mm=float(rnfl.mean())
+        fovea_bscan=kz,
+        central_thickness_mm=central,
+        mean_rnfl_mm=float(rnfl.mean()),
+        choroid_mm=float(choroid[kz, kx]),
     )
 
 

@@ -1,13 +1,15 @@
 """Who the synthetic patients are: identities, labels, and the imaging signs that cause them.
 
 Every label except `null_control` is drawn from a small causal model, and each has a sign
-a model can learn from the pixels (see `EyeSigns`). Identity features (a vessel pattern and
-pigmentation seeded per patient) are shared by all of a patient's images, so a patient
-leaking across data splits lets a model predict `null_control` above chance.
+a model can learn from the pixels (see `EyeSigns`); sex acts through anatomy alone
+(`sex_anatomy`). Identity features (vessel and choroidal patterns and pigmentation seeded
+per patient) are shared by all of a patient's images, so a patient leaking across data
+splits lets a model predict `null_control` above chance.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from dataclasses import dataclass, field
 
@@ -97,6 +99,11 @@ class EyeSigns:
     arteriole_calibre: float
     venule_calibre: float
     yellowing: float
+    # anatomy that differs by sex (`sex_anatomy`): fixed per eye, the same at every visit
+    disc_scale: float = 1.0  # optic disc radius relative to the average disc
+    disc_fovea_scale: float = 1.0  # disc-fovea distance relative to the average
+    tessellation: float = 0.0  # visibility of the choroidal vessels outside the macula, 0-1
+    choroid_mm: float = 0.28  # choroidal thickness (Bruch's membrane to the sclera)
 
 
 @dataclass(frozen=True)
@@ -132,6 +139,53 @@ class Patient:
 
     def age_at(self, date: dt.date) -> float:
         return (date - self.identity.birth_date).days / 365.25
+
+
+# Sex differences in the eye, as (male mean, female mean, SD between people). Their
+# direction follows reported differences (males: larger optic disc, longer disc-fovea
+# distance, more visible choroidal tessellation, thicker choroid); their size is
+# exaggerated (1.3-2.5 SDs apart) so that a small network learns sex from ~100 patients,
+# while each overlaps enough that no single measure separates the sexes.
+SEX_ANATOMY: dict[str, tuple[float, float, float]] = {
+    "disc_scale": (1.04, 0.96, 0.05),
+    "disc_fovea_scale": (1.03, 0.97, 0.035),
+    "tessellation": (0.66, 0.24, 0.17),
+    "choroid_mm": (0.31, 0.25, 0.045),
+}
+_EYE_SD = 0.15  # the two eyes differ by this share of the SD between people
+
+
+@dataclass(frozen=True)
+class EyeAnatomy:
+    """One eye's share of `EyeSigns` that sex acts through (see `SEX_ANATOMY`)."""
+
+    disc_scale: float
+    disc_fovea_scale: float
+    tessellation: float
+    choroid_mm: float
+
+
+def sex_anatomy(seed: int, index: int, sex: str) -> dict[str, EyeAnatomy]:
+    """Each eye's anatomy that differs by sex, keyed "R" and "L".
+
+    Drawn from its own stream so the labels and every other sign stay as they were. The two
+    eyes of a person are nearly alike; nothing here depends on age or any other label."""
+    rng = np.random.default_rng([seed, index, 0x5E8])
+    male = sex == "M"
+    person = {name: rng.normal(m if male else f, sd) for name, (m, f, sd) in SEX_ANATOMY.items()}
+    eyes = {}
+    for eye in "RL":
+        v = {
+            name: float(person[name] + rng.normal(0, _EYE_SD * sd))
+            for name, (_, _, sd) in SEX_ANATOMY.items()
+        }
+        eyes[eye] = EyeAnatomy(
+            disc_scale=v["disc_scale"],
+            disc_fovea_scale=v["disc_fovea_scale"],
+            tessellation=float(np.clip(v["tessellation"], 0.0, 1.0)),
+            choroid_mm=float(np.clip(v["choroid_mm"], 0.12, 0.5)),
+        )
+    return eyes
 
 
 def make_patient(seed: int, index: int, n_sites: int) -> Patient:
@@ -196,14 +250,22 @@ def make_patient(seed: int, index: int, n_sites: int) -> Patient:
         identity_seed=identity_seed,
         pigmentation=pigment,
     )
+    anatomy = sex_anatomy(seed, index, sex)
     visits = []
     for v, date in enumerate(visit_dates):
         age_v = patient.age_at(date)
         eyes = []
         for eye in "RL":
-            eyes.append(
-                _eye_visit(rng, patient, eye, v, date, age_v, amd_prop, gl_prop, dr_latent[eye])
+            ev = _eye_visit(rng, patient, eye, v, date, age_v, amd_prop, gl_prop, dr_latent[eye])
+            a = anatomy[eye]
+            signs = dataclasses.replace(
+                ev.signs,
+                disc_scale=a.disc_scale,
+                disc_fovea_scale=a.disc_fovea_scale,
+                tessellation=a.tessellation,
+                choroid_mm=a.choroid_mm,
             )
+            eyes.append(dataclasses.replace(ev, signs=signs))
         visits.append((date, (eyes[0], eyes[1])))
     return Patient(**{**patient.__dict__, "visits": tuple(visits)})
 

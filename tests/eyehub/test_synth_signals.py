@@ -2,8 +2,10 @@
 
 The statistics here are what a reader would compute by hand (dark-red spots near the
 macula, yellow deposits, the pale cup inside the disc, ILM-to-RPE thickness, the blue/red
-balance of the lens); bars sit below what the planted signal gives on 240 patients and
-far above what chance gives. `null_control` must show no relation to any of them.
+balance of the lens, the size of the bright disc, the fine choroidal pattern outside the
+macula, the depth of the choroid); bars sit below what the planted signal gives on 240
+patients and far above what chance gives. `null_control` must show no relation to any of
+them.
 """
 
 from __future__ import annotations
@@ -30,10 +32,25 @@ def fundus_statistics(image: np.ndarray, truth: FundusTruth) -> dict[str, float]
     yy, xx = np.mgrid[: f.shape[0], : f.shape[1]]
     fov = np.hypot(xx - truth.fov_cx, yy - truth.fov_cy) < 0.95 * truth.fov_radius
     macula = np.hypot(xx - truth.macula_x, yy - truth.macula_y) < 0.35 * truth.fov_radius
-    away_from_disc = np.hypot(xx - truth.disc_x, yy - truth.disc_y) > 1.5 * truth.disc_radius
-    disc = np.hypot(xx - truth.disc_x, yy - truth.disc_y) < 1.05 * truth.disc_radius
+    d_disc = np.hypot(xx - truth.disc_x, yy - truth.disc_y)
+    away_from_disc = d_disc > 1.5 * truth.disc_radius
+    disc = d_disc < 1.05 * truth.disc_radius
     background = uniform_filter(red, 25)
     green_background = uniform_filter(green, 25)
+    # outside the macula, away from the disc and the retinal vessels (dark in green)
+    vessels = binary_dilation(green < 0.85 * green_background)
+    d_macula = np.hypot(xx - truth.macula_x, yy - truth.macula_y)
+    d_centre = np.hypot(xx - truth.fov_cx, yy - truth.fov_cy)
+    outer = (
+        (d_macula > 0.5 * truth.fov_radius)
+        & (d_centre < 0.9 * truth.fov_radius)
+        & (d_disc > 2 * truth.disc_radius)
+        & ~vessels
+    )
+    fine_red = red - uniform_filter(red, 9)
+    # the bright disc: pixels nearer the disc's green than the surround's, within 2 radii
+    near = d_disc < 2 * truth.disc_radius
+    level = 0.5 * (np.percentile(green[near], 99) + np.median(green[near & ~disc]))
     return {
         # microaneurysms and haemorrhages: dark-red spots around the macula
         "dark_spots": float(((red < 0.72 * background) & macula).sum() / macula.sum()),
@@ -47,6 +64,15 @@ def fundus_statistics(image: np.ndarray, truth: FundusTruth) -> dict[str, float]
         "vessel_fraction": float(((green < 0.75 * green_background) & fov).sum() / fov.sum()),
         # the ageing lens filters blue
         "blue_red": float(blue[fov].mean() / red[fov].mean()),
+        "brightness": float(f[fov].mean()),
+        # choroidal tessellation: fine red texture outside the macula (relative)
+        "tessellation": float(fine_red[outer].std() / red[outer].mean()),
+        # optic disc radius (bright pixels) and disc-fovea distance (drawn centres), in FOV radii
+        "disc_radius": float(np.sqrt((near & (green > level)).sum() / np.pi) / truth.fov_radius),
+        "disc_fovea": float(
+            np.hypot(truth.disc_x - truth.macula_x, truth.disc_y - truth.macula_y)
+            / truth.fov_radius
+        ),
     }
 
 
@@ -58,6 +84,21 @@ def central_thickness_rows(volume: np.ndarray) -> float:
     n_z, n_x = ilm.shape
     centre = (rpe - ilm)[n_z // 2 - 2 : n_z // 2 + 2, n_x // 2 - 4 : n_x // 2 + 4]
     return float(np.median(centre))
+
+
+def choroid_rows(volume: np.ndarray) -> float:
+    """Rows from the RPE (the brightest row of each A-scan) down to the dark sclera, at the
+    centre of the scan: where the smoothed choroid falls half-way to the sclera's level."""
+    smooth = uniform_filter(volume.astype(np.float32), size=(3, 3, 5))
+    n_z, n_y, n_x = smooth.shape
+    centre = smooth[n_z // 2 - 3 : n_z // 2 + 3, :, n_x // 2 - 12 : n_x // 2 + 12]
+    rpe = centre.argmax(axis=1)  # (B-scans, A-scans)
+    depth = np.arange(n_y)[None, :, None]
+    below = depth > rpe[:, None, :] + 2
+    sclera = np.median(centre[:, -8:, :])
+    choroid = np.take_along_axis(centre, np.minimum(rpe + 3, n_y - 1)[:, None, :], axis=1)
+    dark = below & (centre < 0.5 * (choroid + sclera))
+    return float(np.median(dark.argmax(axis=1) - rpe))
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +117,8 @@ def cohort_stats() -> dict[str, np.ndarray]:
             {
                 **fundus_statistics(image, truth),
                 "central_thickness": central_thickness_rows(volume),
+                "choroid": choroid_rows(volume),
+                "male": int(p.sex == "M"),
                 "dr_grade": ev.dr_grade,
                 "amd": ev.amd,
                 "glaucoma": ev.glaucoma,
@@ -135,17 +178,36 @@ def test_hypertension_narrows_arterioles_in_the_same_eye() -> None:
     assert areas[1] < 0.93 * areas[0]
 
 
+SEX_SIGNS = ("tessellation", "disc_radius", "disc_fovea", "choroid")
+OTHER_CAUSES = (
+    "dark_spots",
+    "yellow",
+    "cup_fraction",
+    "vessel_fraction",
+    "blue_red",
+    "central_thickness",
+)
+
+
+def test_sex_shows_in_disc_choroid_and_tessellation(cohort_stats: dict[str, np.ndarray]) -> None:
+    male = cohort_stats["male"]
+    assert 0.35 < male.mean() < 0.65
+    # AUC on these 240 patients: tessellation 0.91, disc radius 0.85, disc-fovea distance
+    # 0.89, choroid depth 0.75; about 0.5 with nothing planted
+    bars = {"tessellation": 0.75, "disc_radius": 0.75, "disc_fovea": 0.75, "choroid": 0.65}
+    for name, bar in bars.items():
+        auc = roc_auc_score(male, cohort_stats[name])
+        assert bar < auc < 0.97, f"sex shows in {name} with AUC {auc:.2f}"
+    # no global statistic gives sex away, and no other label's cause carries it
+    for name in ("brightness", *OTHER_CAUSES):
+        auc = roc_auc_score(male, cohort_stats[name])
+        assert 0.38 < auc < 0.62, f"sex predicted by {name} (AUC {auc:.2f})"
+
+
 def test_null_control_has_no_cause_in_any_image(cohort_stats: dict[str, np.ndarray]) -> None:
     y = cohort_stats["null_control"]
     assert 0.3 < y.mean() < 0.7
-    for name in (
-        "dark_spots",
-        "yellow",
-        "cup_fraction",
-        "vessel_fraction",
-        "blue_red",
-        "central_thickness",
-    ):
+    for name in (*OTHER_CAUSES, "brightness", *SEX_SIGNS):
         auc = roc_auc_score(y, cohort_stats[name])
         assert 0.38 < auc < 0.62, f"null_control predicted by {name} (AUC {auc:.2f})"
 
