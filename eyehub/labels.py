@@ -141,9 +141,7 @@ LABELS: Mapping[str, LabelSpec] = {
         _binary("glaucoma", "eye", "glaucoma"),
         _binary("dme", "eye", "diabetic macular oedema"),
         LabelSpec("age", "regression", "patient", "age at the visit", unit="years"),
-        _binary(
-            "sex", "patient", "sex recorded in the patient record", positive="M", negative="F"
-        ),
+        _binary("sex", "patient", "sex recorded in the patient record", positive="M", negative="F"),
         _binary("diabetes", "patient", "diabetes mellitus"),
         _binary("hypertension", "patient", "hypertension"),
         LabelSpec("systolic_bp", "regression", "patient", "systolic blood pressure", unit="mmHg"),

@@ -34,6 +34,7 @@ STATE = ".ingest"
 LABELS = "labels.parquet"
 LABEL_KEYS = ("patient_id", "eye", "study_date")  # how labels join to scans
 
+
 @dataclass(frozen=True)
 class CatalogRow:
     """One scan's row of `catalog.parquet`, before the labels are joined: the one

@@ -45,6 +45,7 @@ from models.networks import (
     FUNDUS_NETWORKS,
     GRADCAM_LAYERS,
     OCT_NETWORKS,
+    VIT_SIZES,
     BScanAttention,
     fundus_encoder,
     oct_encoder,
@@ -142,7 +143,7 @@ class EyeNet(nn.Module):
         _check_shapes(spec, recipe)
         # the ViT's position grid is fixed by the recipe's size; the CNNs take any size
         self.fixed_fundus_size = (
-            recipe.fundus.size if spec.uses_fundus and spec.fundus_network == "vit-b16" else None
+            recipe.fundus.size if spec.uses_fundus and spec.fundus_network in VIT_SIZES else None
         )
         self.fundus = (
             fundus_encoder(spec.fundus_network, recipe.fundus.size, spec.features)
@@ -230,8 +231,9 @@ class EyeNet(nn.Module):
             side = self.fixed_fundus_size
             if side is not None and tuple(fundus.shape[2:]) != (side, side):
                 raise ModelError(
-                    f"the fundus image is {list(fundus.shape[2:])}; this vit-b16 model takes "
-                    f"[{side}, {side}] (the recipe's fundus.size)"
+                    f"the fundus image is {list(fundus.shape[2:])}; this "
+                    f"{self.spec.fundus_network} model takes [{side}, {side}] "
+                    "(the recipe's fundus.size)"
                 )
             batch["fundus"] = fundus.shape[0]
         if self.oct is not None:

@@ -1,7 +1,8 @@
 """Networks by name, built from MONAI's (not re-implemented), each ending in a feature
 vector the task heads share.
 
-Fundus (2D): densenet121, efficientnet-b0, resnet50, vit-b16. OCT: densenet121-3d (a 3-D
+Fundus (2D): densenet121, efficientnet-b0, resnet50, vit-b16, vit-l16 (ViT-Large as
+RETFound publishes it: mean-pooled patch tokens under `fc_norm`). OCT: densenet121-3d (a 3-D
 volume network) and bscan-attention (a 2-D encoder per B-scan with attention pooling
 across B-scans, whose weights say which B-scans mattered). Fusion of both is late: the
 two feature vectors, plus optional age and sex, are concatenated and projected.
@@ -20,13 +21,15 @@ saved model's manifest does not need.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from eyehub.errors import ConfigError
 
 FEATURES = 256
-FUNDUS_NETWORKS = ("densenet121", "efficientnet-b0", "resnet50", "vit-b16")
+FUNDUS_NETWORKS = ("densenet121", "efficientnet-b0", "resnet50", "vit-b16", "vit-l16")
 OCT_NETWORKS = ("densenet121-3d", "bscan-attention")
 
 # Grad-CAM target layer of each network, relative to the network. EfficientNet's `_swish`
@@ -37,10 +40,29 @@ GRADCAM_LAYERS = {
     "efficientnet-b0": "_bn1",
     "resnet50": "layer4",
     "vit-b16": "grid",
+    "vit-l16": "grid",
     "densenet121-3d": "class_layers.relu",
     "bscan-attention": "encoder.class_layers.relu",
 }
 VIT_PATCH = 16
+
+
+@dataclass(frozen=True)
+class ViTSize:
+    """A ViT's shape, and how its features are pooled: the class token (timm's default) or
+    the mean of the patch tokens under `fc_norm` (MAE's and RETFound's `global_pool`)."""
+
+    hidden: int
+    mlp: int
+    layers: int
+    heads: int
+    global_pool: bool
+
+
+VIT_SIZES = {
+    "vit-b16": ViTSize(hidden=768, mlp=3072, layers=12, heads=12, global_pool=False),
+    "vit-l16": ViTSize(hidden=1024, mlp=4096, layers=24, heads=16, global_pool=True),
+}
 
 
 def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.Module:
@@ -63,8 +85,8 @@ def fundus_encoder(name: str, image_size: int, features: int = FEATURES) -> nn.M
             conv1_t_stride=2,
             bias_downsample=False,
         )
-    if name == "vit-b16":
-        return ViTFeatures(image_size, features)
+    if name in VIT_SIZES:
+        return ViTFeatures(image_size, features, name)
     raise ConfigError(
         f"model.fundus_network: unknown fundus network {name!r}; "
         f"choose one of {', '.join(FUNDUS_NETWORKS)}"
@@ -84,36 +106,46 @@ class TokenGrid(nn.Module):
 
 
 class ViTFeatures(nn.Module):
-    """MONAI ViT-B/16 (12 layers, 768 wide, qkv bias as in timm and RETFound) with a
-    classification token; returns features.
+    """MONAI's ViT with 16-pixel patches, qkv bias as in timm and RETFound, and a
+    classification token; returns features. `vit-b16`: ViT-Base (12 layers, 768 wide),
+    features from the class token. `vit-l16`: ViT-Large (24 layers, 1024 wide), features
+    from the mean of the patch tokens normalised by `vit.fc_norm` (the final `norm` is not
+    used), as RETFound fine-tunes it.
 
     The forward pass is MONAI's ViT.forward spelled out, so the patch tokens entering the
     last block pass through `grid` (a reshape), where Grad-CAM reads them."""
 
-    def __init__(self, image_size: int, features: int) -> None:
+    def __init__(self, image_size: int, features: int, name: str = "vit-b16") -> None:
         super().__init__()
         if image_size % VIT_PATCH:
             nearest = max(1, image_size // VIT_PATCH) * VIT_PATCH
             raise ConfigError(
-                f"vit-b16 needs an image size divisible by {VIT_PATCH}; the recipe gives "
+                f"{name} needs an image size divisible by {VIT_PATCH}; the recipe gives "
                 f"{image_size} (set preprocess fundus.size to, say, {nearest})"
             )
         from monai.networks import nets
 
+        size = VIT_SIZES[name]
+        self.global_pool = size.global_pool
         self.vit = nets.ViT(
             in_channels=3,
             img_size=(image_size, image_size),
             patch_size=(VIT_PATCH, VIT_PATCH),
-            hidden_size=768,
-            mlp_dim=3072,
-            num_layers=12,
-            num_heads=12,
+            hidden_size=size.hidden,
+            mlp_dim=size.mlp,
+            num_layers=size.layers,
+            num_heads=size.heads,
             classification=True,
             num_classes=features,
             spatial_dims=2,
             post_activation="",
             qkv_bias=True,
         )
+        if size.global_pool:
+            # RETFound deletes `norm` and adds `fc_norm`; kept inside `vit` so checkpoints
+            # map onto one module. An unused `norm` would leave DDP with unused parameters.
+            self.vit.norm = nn.Identity()  # type: ignore[assignment]
+            self.vit.fc_norm = nn.LayerNorm(size.hidden)
         side = image_size // VIT_PATCH
         self.grid = TokenGrid(side, side)
 
@@ -125,8 +157,11 @@ class ViTFeatures(nn.Module):
             h = block(h)
         grid = self.grid(h[:, 1:])
         h = torch.cat([h[:, :1], grid.flatten(2).transpose(1, 2)], dim=1)
-        h = vit.norm(vit.blocks[-1](h))
-        return vit.classification_head(h[:, 0])
+        h = vit.blocks[-1](h)
+        if self.global_pool:
+            pooled: torch.Tensor = vit.fc_norm(h[:, 1:].mean(dim=1))  # type: ignore[operator]
+            return vit.classification_head(pooled)
+        return vit.classification_head(vit.norm(h)[:, 0])
 
 
 class BScanAttention(nn.Module):

@@ -48,7 +48,6 @@ _TIMM_VIT = [
     (re.compile(r"^blocks\.(\d+)\.attn\.proj\.(weight|bias)$"), r"blocks.\1.attn.out_proj.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc1\.(weight|bias)$"), r"blocks.\1.mlp.linear1.\2"),
     (re.compile(r"^blocks\.(\d+)\.mlp\.fc2\.(weight|bias)$"), r"blocks.\1.mlp.linear2.\2"),
-    (re.compile(r"^fc_norm\.(weight|bias)$"), r"norm.\1"),
     (re.compile(r"^head\.(weight|bias)$"), r"classification_head.\1"),
 ]
 
@@ -63,7 +62,8 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # in the network, left as initialised
     unexpected: list[str] = field(default_factory=list)  # in the file, used nowhere
     mismatched: list[str] = field(default_factory=list)  # same name, other shape
-    dropped: list[str] = field(default_factory=list)  # known not to apply (MAE decoder)
+    # known not to apply: the MAE decoder, a pretraining `norm` under global pooling
+    dropped: list[str] = field(default_factory=list)
     adapted: list[str] = field(default_factory=list)  # resized or channel-summed
 
     def summary(self) -> str:
@@ -81,7 +81,10 @@ class LoadReport:
         if self.unexpected:
             parts.append(f"unused from the file: {few(self.unexpected)}")
         if self.dropped:
-            parts.append(f"{len(self.dropped)} MAE decoder tensors dropped")
+            parts.append(
+                f"{len(self.dropped)} tensors that do not apply dropped (MAE decoder; "
+                "the final norm under global pooling)"
+            )
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, object]:
@@ -137,9 +140,21 @@ def _is_state_dict(obj: Mapping[object, object]) -> bool:
     return bool(obj) and sum(isinstance(v, torch.Tensor) for v in obj.values()) >= len(obj) / 2
 
 
-def _timm_vit_to_monai(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _timm_vit_to_monai(
+    tensors: dict[str, torch.Tensor], global_pool: bool
+) -> dict[str, torch.Tensor]:
     """timm ViT names to MONAI's. timm adds pos_embed[0] to the class token; MONAI adds no
-    position to it, so that slot is folded into the class token itself."""
+    position to it, so that slot is folded into the class token itself.
+
+    Pooling: a network that pools patch tokens under `fc_norm` (vit-l16, as RETFound) takes
+    a fine-tuned checkpoint's `fc_norm` as is, and has no use for a pretraining
+    checkpoint's final `norm` (RETFound drops it too). A class-token network takes the
+    final normalisation from `norm`, or from `fc_norm` where a checkpoint has only that."""
+    tensors = dict(tensors)
+    if not global_pool and "norm.weight" not in tensors:
+        for part in ("weight", "bias"):
+            if f"fc_norm.{part}" in tensors:
+                tensors[f"norm.{part}"] = tensors.pop(f"fc_norm.{part}")
     out: dict[str, torch.Tensor] = {}
     for name, value in tensors.items():
         for pattern, repl in _TIMM_VIT:
@@ -201,16 +216,20 @@ def load_pretrained(network: nn.Module, path: Path) -> LoadReport:
     Raises ConfigError when no tensor of the file fits the network."""
     tensors, source_format = read_checkpoint(path)
     target_module, prefix = _load_target(network)
+    own = target_module.state_dict()
     report = LoadReport(path=str(path), source_format=source_format)
+    global_pool = "fc_norm.weight" in own
     for name in [k for k in tensors if _MAE_DECODER.match(k)]:
         report.dropped.append(name)
         del tensors[name]
+    if global_pool and "patch_embed.proj.weight" in tensors:
+        for name in [k for k in ("norm.weight", "norm.bias") if k in tensors]:
+            report.dropped.append(name)  # the final norm a pooled ViT does not use
+            del tensors[name]
     if "patch_embed.proj.weight" in tensors:
-        tensors = _timm_vit_to_monai(tensors)
+        tensors = _timm_vit_to_monai(tensors, global_pool)
     if any(_DENSE_TV.match(k) or _DENSE_TV_NODOT.match(k) for k in tensors):
         tensors = _densenet_torchvision_to_monai(tensors)
-
-    own = target_module.state_dict()
     merged = dict(own)
     for name, value in tensors.items():
         if name not in own:

@@ -145,9 +145,7 @@ def test_every_reason_code_written_is_in_its_closed_set() -> None:
     assert {"corrupt_pixel_data", "internal_error", "duplicate_instance"} <= ingest_codes
     assert {"too_dark", "low_signal"} <= preprocess_codes  # the scan finds them
     assert ingest_codes <= set(QUARANTINE_REASONS), ingest_codes - set(QUARANTINE_REASONS)
-    assert preprocess_codes <= set(UNGRADABLE_REASONS), preprocess_codes - set(
-        UNGRADABLE_REASONS
-    )
+    assert preprocess_codes <= set(UNGRADABLE_REASONS), preprocess_codes - set(UNGRADABLE_REASONS)
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from eyehub.errors import DatasetError, EyehubError, UsageError
+from eyehub.errors import DatasetError, EyehubError, NotFoundError, UsageError
 from eyehub.labels import label_spec
 from eyehub.storage import write_text_atomic
 from ingest.catalog import CATALOG
@@ -196,6 +196,7 @@ def run_training(
     if not (dataset / CATALOG).is_file():
         raise DatasetError(f"{dataset} has no {CATALOG}: run `eyehub ingest` first")
     check_catalog_labels(config, dataset)
+    config = resolve_pretrained(config)
     index = ensure_prepared(dataset, config, settings, note)
     samples, report = split_samples(config, samples_for(config, index))
     config = resolve_regression(config, samples[samples.split == "train"])
@@ -273,6 +274,27 @@ def _experiment(name: str, home: Path | None) -> Any:
         location = (home / "artifacts").resolve().as_uri() if home is not None else None
         mlflow.create_experiment(name, artifact_location=location)
     return mlflow.set_experiment(name)
+
+
+def resolve_pretrained(config: TrainConfig) -> TrainConfig:
+    """Pretrained files made absolute (workers run in their own directories) and checked
+    before anything is prepared or started. eyehub downloads no weights."""
+    updates: dict[str, Path] = {}
+    for key in ("pretrained", "oct_pretrained"):
+        path = getattr(config.model, key)
+        if path is None:
+            continue
+        path = Path(path).expanduser().resolve()
+        if not path.is_file():
+            raise NotFoundError(
+                f"model.{key}: no checkpoint at {path}. eyehub downloads no weights: put the "
+                f"file there or pass --set model.{key}=PATH (docs/training.md says where "
+                "RETFound's weights come from)"
+            )
+        updates[key] = path
+    if not updates:
+        return config
+    return config.model_copy(update={"model": config.model.model_copy(update=updates)})
 
 
 def check_catalog_labels(config: TrainConfig, dataset: Path) -> None:

@@ -138,7 +138,71 @@ def test_retfound_checkpoint_drops_the_mae_decoder_and_resizes_positions(tmp_pat
     assert report.missing == ["vit.classification_head.weight", "vit.classification_head.bias"]
     assert not report.unexpected and not report.mismatched
     assert torch.equal(net.vit.blocks[11].mlp.linear2.weight, at_224.blocks[11].mlp.linear2.weight)
-    assert "3 MAE decoder tensors dropped" in report.summary()
+    assert "3 tensors that do not apply dropped" in report.summary()
+
+
+def _retfound_checkpoint(blocks: int = 24, width: int = 1024, grid: int = 14) -> dict:
+    """A checkpoint laid out as RETFound publishes its weights (`RETFound_cfp_weights.pth`:
+    MAE pretraining of timm's ViT-L/16 at 224 px): timm names under `model`, the encoder's
+    final `norm`, the MAE decoder, no head. Zeros, but for the tensors the test checks."""
+    z = torch.zeros
+    state = {
+        "cls_token": torch.randn(1, 1, width),
+        "pos_embed": torch.randn(1, grid * grid + 1, width),
+        "patch_embed.proj.weight": torch.randn(width, 3, 16, 16),
+        "patch_embed.proj.bias": z(width),
+        "norm.weight": torch.ones(width),
+        "norm.bias": z(width),
+        "mask_token": z(1, 1, 512),
+        "decoder_embed.weight": z(512, width),
+        "decoder_embed.bias": z(512),
+        "decoder_pos_embed": z(1, grid * grid + 1, 512),
+        "decoder_blocks.0.attn.qkv.weight": z(3 * 512, 512),
+        "decoder_norm.weight": z(512),
+        "decoder_pred.weight": z(16 * 16 * 3, 512),
+    }
+    for i in range(blocks):
+        b = f"blocks.{i}."
+        for norm in ("norm1", "norm2"):
+            state[b + norm + ".weight"], state[b + norm + ".bias"] = torch.ones(width), z(width)
+        state[b + "attn.qkv.weight"], state[b + "attn.qkv.bias"] = z(3 * width, width), z(3 * width)
+        state[b + "attn.proj.weight"], state[b + "attn.proj.bias"] = z(width, width), z(width)
+        state[b + "mlp.fc1.weight"], state[b + "mlp.fc1.bias"] = z(4 * width, width), z(4 * width)
+        state[b + "mlp.fc2.weight"], state[b + "mlp.fc2.bias"] = z(width, 4 * width), z(width)
+    state[f"blocks.{blocks - 1}.attn.qkv.weight"] = torch.randn(3 * width, width)
+    return {"model": state, "optimizer": {}, "epoch": 799, "args": {}}
+
+
+def test_vit_l16_loads_a_retfound_checkpoint_as_retfound_fine_tunes_it(tmp_path: Path) -> None:
+    """Every encoder tensor lands; the MAE decoder and the final `norm` (unused under
+    RETFound's global pooling) are dropped; the head and `fc_norm` start fresh, as in
+    RETFound's main_finetune (its missing keys: head and fc_norm)."""
+    torch.manual_seed(4)
+    checkpoint = _retfound_checkpoint()
+    path = tmp_path / "RETFound_cfp_weights.pth"
+    torch.save(checkpoint, path)
+    state = checkpoint["model"]
+    net = ViTFeatures(224, 16, "vit-l16")
+    assert len(net.vit.blocks) == 24 and net.vit.cls_token.shape == (1, 1, 1024)
+    report = load_pretrained(net, path)
+    assert report.source_format == "retfound"
+    assert sorted(report.missing) == [
+        "vit.classification_head.bias",
+        "vit.classification_head.weight",
+        "vit.fc_norm.bias",
+        "vit.fc_norm.weight",
+    ]
+    assert not report.unexpected and not report.mismatched and not report.adapted
+    assert {"norm.weight", "norm.bias", "decoder_pred.weight"} <= set(report.dropped)
+    assert len(report.matched) == 4 + 24 * 12
+    vit = net.vit
+    assert torch.equal(vit.blocks[23].attn.qkv.weight, state["blocks.23.attn.qkv.weight"])
+    patches = vit.patch_embedding.patch_embeddings.weight
+    assert torch.equal(patches, state["patch_embed.proj.weight"])
+    pos = state["pos_embed"]
+    assert torch.equal(vit.patch_embedding.position_embeddings, pos[:, 1:])
+    assert torch.allclose(vit.cls_token, state["cls_token"] + pos[:, :1])
+    assert net(torch.randn(1, 3, 224, 224)).shape == (1, 16)
 
 
 def test_rgb_weights_are_summed_for_the_grey_oct_encoder(tmp_path: Path) -> None:

@@ -177,3 +177,21 @@ def test_layer_wise_decay_scales_each_vit_block_as_retfound_does() -> None:
     assert decay_of[id(named["fundus.vit.blocks.0.mlp.linear1.weight"])] == spec.weight_decay
     plain = build_optimizer(net, TrainingSpec(lr=1.0))
     assert {g["lr"] for g in plain.param_groups} == {1.0}
+
+
+def test_retfound_finetune_names_its_local_checkpoint_and_refuses_a_missing_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eyehub.errors import NotFoundError
+    from training.run import resolve_pretrained
+
+    config = load_train_config("retfound_finetune")
+    assert config.model.fundus_network == "vit-l16" and config.preprocess.fundus.size == 224
+    assert config.training.layer_decay == 0.65
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NotFoundError, match=r"model.pretrained: no checkpoint at .*--set"):
+        resolve_pretrained(config)
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "RETFound_cfp_weights.pth").write_bytes(b"x")
+    resolved = resolve_pretrained(config)
+    assert resolved.model.pretrained == tmp_path / "weights" / "RETFound_cfp_weights.pth"

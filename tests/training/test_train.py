@@ -95,6 +95,7 @@ def test_a_run_registers_a_calibrated_model_with_its_full_record(
     model = mlflow.pyfunc.load_model("models:/eyehub-fundus_demo@candidate")
     out = model.predict(np.zeros((2, 3, 128, 128), dtype=np.uint8))
     assert len(out) == 2 and "referable_dr/probability" in out.columns
+
     # nothing that identifies a patient went to MLflow
     def strings(node: object) -> list[str]:
         if isinstance(node, dict):
