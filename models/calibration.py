@@ -66,7 +66,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, task: str = "task") 
 
     result = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-5})
     temperature = math.exp(float(result.x))
-    log.info(
+    log.debug(
         "task %s: temperature %.3f (NLL %.4f -> %.4f)", task, temperature, nll(0.0), result.fun
     )
     return temperature

@@ -1,6 +1,7 @@
 """A non-editable install (`pip install .`, as a service image does it) has every package and
 every shipped config, and runs the demo without the source tree (docs/architecture.md,
-"Configuration").
+"Configuration"); that demo run (a small cohort, no training: the training tests train)
+is also the test of `eyehub demo` end to end and of its terminal output.
 
 Nothing is downloaded: a fresh venv sees this environment's dependencies through a folder
 of links to its site-packages (eyehub's own editable install and its .pth hooks left out),
@@ -19,6 +20,7 @@ import sysconfig
 import tomllib
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,7 +206,24 @@ def test_installed_demo_runs_without_the_source_tree(
         env={**env, "EYEHUB_TEST_MODULES": str(records)},
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    assert "prepared" in out.stdout and "demo outputs are under" in out.stdout
-    assert any((home / "demo" / "dataset" / "prepared").glob("*.parquet"))
     _check_modules(records, _site_packages(venv))
     assert list(cwd.iterdir()) == []
+    # the demo itself: every file ingested with its labels, a private key, the prepared
+    # tensors; eyehub's steps on the terminal and the libraries' chatter in the log file
+    root = home / "demo"
+    assert "created a demo pseudonymisation key" in out.stdout
+    assert "demo outputs are under" in out.stdout
+    assert str(root.resolve()) in out.stdout.replace("\n", "")
+    catalog = pd.read_parquet(root / "dataset" / "catalog.parquet")
+    files = [p for p in (root / "cohort" / "dicom").rglob("*") if p.is_file()]
+    assert len(catalog) == len(files) > 0
+    assert catalog.dr_grade.notna().mean() > 0.7  # labels joined
+    assert (root / "hub.key").stat().st_mode & 0o077 == 0
+    assert any((root / "dataset" / "prepared").glob("*.parquet"))
+    terminal = out.stdout + out.stderr
+    for chatter in ("core_worker", "Ray instance", "Token authentication", "INFO", "Warning"):
+        assert chatter not in terminal, terminal
+    log_line = next(line for line in out.stdout.splitlines() if "log of this run:" in line)
+    log_file = Path(log_line.split("log of this run:", 1)[1].strip())
+    assert log_file.parent == home / "logs"
+    assert "Started a local Ray instance" in log_file.read_text(encoding="utf-8")

@@ -376,7 +376,7 @@ def _task_data(task: TaskLike, frame: pd.DataFrame) -> tuple[_Data, np.ndarray]:
     keep = ~np.isnan(y_all)
     dropped = int((~keep).sum())
     if dropped:
-        log.info(
+        log.debug(
             "task %s: %d of %d test samples have no label and are left out",
             task.name,
             dropped,
@@ -597,7 +597,7 @@ def _measure(
     )
     for name, iv in intervals.items():
         if iv.valid < iv.resamples:
-            log.info("%s: defined on %d of %d bootstrap resamples", name, iv.valid, iv.resamples)
+            log.debug("%s: defined on %d of %d bootstrap resamples", name, iv.valid, iv.resamples)
     return intervals, skipped
 
 

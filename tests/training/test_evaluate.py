@@ -455,3 +455,43 @@ def test_figures_are_labelled_pngs() -> None:
     )
     assert set(task_figures(BP, bp)) == {"scatter.png"}
     assert not math.isnan(report.metrics["auroc"].ci_low)
+
+
+def test_a_control_far_from_chance_is_a_warning_that_says_whether_its_ci_excludes_chance() -> None:
+    from training.config import load_train_config
+    from training.evaluate_run import control_warnings
+
+    config = load_train_config("fundus_demo")  # controls: [null_control]
+    key = "test/null_control/auroc"
+
+    def warned(auroc: float, low: float, high: float) -> list[str]:
+        return control_warnings(
+            config, {key: auroc, f"{key}/ci_low": low, f"{key}/ci_high": high}
+        )
+
+    assert warned(0.55, 0.35, 0.75) == []
+    (leak,) = warned(0.93, 0.85, 0.99)
+    assert "null_control" in leak and "0.930 (0.850-0.990)" in leak and "noise" not in leak
+    (unsure,) = warned(0.70, 0.48, 0.88)
+    assert "CI includes chance" in unsure
+    (below,) = warned(0.2, 0.1, 0.3)
+    assert "noise" not in below
+
+
+def test_a_control_that_follows_a_real_label_by_chance_says_so() -> None:
+    from training.config import load_train_config
+    from training.evaluate_run import control_warnings
+
+    rng = np.random.default_rng(0)
+    patients = [f"P{i:03d}" for i in range(40)]
+    sex = rng.integers(0, 2, 40)
+    control = np.where(rng.random(40) < 0.85, 1 - sex, sex)  # follows sex, inverted
+    rows = [
+        {"patient_id": p, "scan_id": f"S{p}", "split": "test", "task": task, "label": float(v)}
+        for p, s, c in zip(patients, sex, control, strict=True)
+        for task, v in (("sex", s), ("null_control", c), ("age", rng.normal(60, 10)))
+    ]
+    key = "test/null_control/auroc"
+    metrics = {key: 0.78, f"{key}/ci_low": 0.62, f"{key}/ci_high": 0.9}
+    (text,) = control_warnings(load_train_config("fundus_demo"), metrics, pd.DataFrame(rows))
+    assert "In the 40 test patients its labels follow 'sex' by chance (r = -0." in text
