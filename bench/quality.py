@@ -26,7 +26,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import mean_absolute_error, roc_auc_score
@@ -158,7 +157,8 @@ def main() -> None:
             value = run.data.metrics.get(key)
             if value is None:
                 continue
-            low, high = run.data.metrics.get(key + "/ci_low"), run.data.metrics.get(key + "/ci_high")
+            low = run.data.metrics.get(key + "/ci_low")
+            high = run.data.metrics.get(key + "/ci_high")
             kind = label_spec(task).kind
             baseline = _baseline(task, kind, train, test, features)
             if task == "dr_grade":

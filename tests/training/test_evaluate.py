@@ -465,9 +465,7 @@ def test_a_control_far_from_chance_is_a_warning_that_says_whether_its_ci_exclude
     key = "test/null_control/auroc"
 
     def warned(auroc: float, low: float, high: float) -> list[str]:
-        return control_warnings(
-            config, {key: auroc, f"{key}/ci_low": low, f"{key}/ci_high": high}
-        )
+        return control_warnings(config, {key: auroc, f"{key}/ci_low": low, f"{key}/ci_high": high})
 
     assert warned(0.55, 0.35, 0.75) == []
     (leak,) = warned(0.93, 0.85, 0.99)
