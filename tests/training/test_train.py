@@ -108,6 +108,15 @@ def test_a_run_learns_the_planted_signals_and_registers_a_calibrated_model_with_
     assert run.data.tags["eyehub.dataset_digest"]
     digest = run.data.tags["eyehub.dataset_digest"]
     assert run.inputs.dataset_inputs[0].dataset.digest == digest[:32]
+    def artifacts(path: str) -> set[str]:
+        return {a.path for a in client.list_artifacts(summary.run_id, path)}
+
+    assert {"plots", "predictions", "config", "evaluation"} <= artifacts("")
+    assert "config/resolved.yaml" in artifacts("config")
+    plots = {f"plots/referable_dr/{n}.png" for n in ("roc", "pr", "reliability")}
+    assert plots <= artifacts("plots/referable_dr")
+    assert "plots/dr_grade/confusion.png" in artifacts("plots/dr_grade")
+    assert "evaluation/sex.json" in artifacts("evaluation")
     local = Path(client.download_artifacts(summary.run_id, "predictions", str(tmp_path)))
     table = pd.read_parquet(local / "predictions.parquet")
     assert set(table.split) == {"val", "test"}
