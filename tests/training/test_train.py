@@ -108,6 +108,7 @@ def test_a_run_learns_the_planted_signals_and_registers_a_calibrated_model_with_
     assert run.data.tags["eyehub.dataset_digest"]
     digest = run.data.tags["eyehub.dataset_digest"]
     assert run.inputs.dataset_inputs[0].dataset.digest == digest[:32]
+
     def artifacts(path: str) -> set[str]:
         return {a.path for a in client.list_artifacts(summary.run_id, path)}
 
