@@ -78,7 +78,8 @@ def test_unknown_recipe_is_one_line_listing_the_shipped_ones(tmp_path: Path) -> 
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, out.stderr
-    assert "'tiny'" in lines[0] and "shipped preprocess configs: default, small" in lines[0]
+    assert "'tiny'" in lines[0]
+    assert "shipped preprocess configs: default, retfound, small" in lines[0]
 
 
 def test_recipe_path_that_does_not_exist_is_one_line(tmp_path: Path) -> None:

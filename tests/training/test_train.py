@@ -59,29 +59,51 @@ def _config(*extra: str) -> object:
     return load_train_config("fundus_demo", [*FAST, *extra])
 
 
-# What the pipeline reaches on the 60-patient cohort in 8 epochs (measured: see the test);
-# the bars sit below it by about the spread of retraining with other seeds, and far above
-# what a broken pipeline gives (chance: 0.5; age predicted as the mean: MAE ~11 years)
-QUALITY = {"referable_dr": 0.85, "sex": 0.70}
-AGE_MAE = 10.0
-CONTROL = (0.25, 0.75)  # null_control: chance, within what 17 test patients allow
+# What the pipeline reaches on the 60-patient cohort in 8 epochs (18 test patients),
+# measured: referable_dr AUROC 0.88, sex 0.74, age MAE 9.5 years, null_control 0.56. The
+# bars sit below by the spread a replaced worker's restart can add, and above what a
+# pipeline that learns nothing gives (AUROC 0.5; age predicted as the mean: MAE ~12)
+EPOCHS = "training.epochs=8"
+QUALITY = {"referable_dr": 0.80, "sex": 0.65}
+AGE_MAE = 11.0
+CONTROL = (0.25, 0.75)  # null_control: chance, within what 18 test patients allow
 
 
 @pytest.mark.slow
-def test_a_run_learns_the_planted_signals_and_registers_a_calibrated_model_with_its_record(
+def test_a_run_survives_a_killed_worker_learns_the_planted_signals_and_registers_its_record(
     cohort_60: tuple[Path, Path], tmp_path: Path
 ) -> None:
+    """One run, three behaviours (one training run is the costly part): a worker process
+    killed (SIGKILL) after the first checkpoint is replaced and training goes on to the
+    last epoch; the model learns what the cohort plants; the run holds its full record."""
     cohort, dataset = cohort_60
     home = tmp_path / "home"
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and not killed:
+            if list((home / "runs").glob("*/checkpoint_*")):
+                pids = _train_worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
     progress: list[dict[str, object]] = []
     summary = run_training(
-        _config("training.epochs=8", "training.batch_size=16", "model.features=128"),  # type: ignore[arg-type]
+        _config(EPOCHS, "training.max_failures=1", "model.features=128"),  # type: ignore[arg-type]
         dataset,
         TrainSettings(home=home, workers=1),
         on_progress=progress.append,
     )
+    killer.join(timeout=5)
+    assert killed, "no train worker was found to kill"
     assert summary.model_name == "eyehub-fundus_demo" and summary.model_version == "1"
-    assert summary.epochs == 8
+    assert summary.epochs == 8  # to the last epoch, across the replaced worker
     assert any("loss" in p for p in progress)
     assert any("val/referable_dr/auroc" in p for p in progress)
     client = mlflow.MlflowClient(summary.tracking_uri)
@@ -99,7 +121,8 @@ def test_a_run_learns_the_planted_signals_and_registers_a_calibrated_model_with_
     ):
         assert key in metrics, key
     assert metrics["test/referable_dr/auroc/ci_low"] <= metrics["test/referable_dr/auroc"] + 1e-9
-    assert len(client.get_metric_history(summary.run_id, "val/referable_dr/auroc")) == 8
+    history = client.get_metric_history(summary.run_id, "val/referable_dr/auroc")
+    assert sorted({m.step for m in history}) == list(range(8))  # every epoch, once done
     learnt = {task: metrics[f"test/{task}/auroc"] for task in QUALITY}
     assert all(learnt[task] >= bar for task, bar in QUALITY.items()), learnt
     assert metrics["test/age/mae"] < AGE_MAE, metrics["test/age/mae"]
@@ -158,38 +181,6 @@ def _train_worker_pids() -> list[int]:
         if "RayTrainWorker" in cmd:
             pids.append(proc.info["pid"])
     return pids
-
-
-@pytest.mark.slow
-def test_a_killed_worker_is_replaced_and_training_goes_on(dataset: Path, tmp_path: Path) -> None:
-    home = tmp_path / "home"
-    killed: list[int] = []
-
-    def kill_after_first_checkpoint() -> None:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and not killed:
-            if list((home / "runs").glob("*/checkpoint_*")):
-                pids = _train_worker_pids()
-                if pids:
-                    os.kill(pids[0], signal.SIGKILL)
-                    killed.append(pids[0])
-                    return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
-    summary = run_training(
-        _config("training.epochs=3", "training.max_failures=1"),  # type: ignore[arg-type]
-        dataset,
-        TrainSettings(home=home, workers=1),
-    )
-    killer.join(timeout=5)
-    assert killed, "no train worker was found to kill"
-    assert summary.epochs == 3
-    history = mlflow.MlflowClient(summary.tracking_uri).get_metric_history(
-        summary.run_id, "val/referable_dr/auroc"
-    )
-    assert sorted({m.step for m in history}) == [0, 1, 2]
 
 
 @pytest.mark.slow
