@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import threading
 import time
@@ -20,7 +19,7 @@ import pytest
 from eyehub.errors import DatasetError
 from eyehub.synth import generate_cohort
 from ingest import HubKey, run_ingest
-from ingest.run import IngestSettings, IngestSummary
+from ingest.run import IngestSettings
 from training.config import load_train_config
 from training.run import TrainingError, TrainSettings, run_training
 
@@ -46,13 +45,6 @@ def cohort_60(tmp_path_factory: pytest.TempPathFactory, hub_key: HubKey) -> tupl
     dataset = tmp_path_factory.mktemp("dataset60") / "ds"
     run_ingest([cohort / "dicom"], dataset, hub_key, cohort / "labels.csv", IngestSettings())
     return cohort, dataset
-
-
-@pytest.fixture
-def dataset(ingested: tuple[Path, IngestSummary], tmp_path: Path) -> Path:
-    copy = tmp_path / "ds"
-    shutil.copytree(ingested[0], copy)
-    return copy
 
 
 def _config(*extra: str) -> object:

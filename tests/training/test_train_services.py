@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,47 +18,11 @@ import mlflow
 import pandas as pd
 import pytest
 
-from ingest.run import IngestSummary
-from training.config import load_train_config
-from training.run import RUN_STATE, TrainSettings, run_training
+from training.run import RUN_STATE
 
 from .test_train import FAST
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-@pytest.fixture
-def dataset(ingested: tuple[Path, IngestSummary], tmp_path: Path) -> Path:
-    copy = tmp_path / "ds"
-    shutil.copytree(ingested[0], copy)
-    return copy
-
-
-@pytest.mark.slow
-@pytest.mark.cluster
-def test_two_workers_train_across_a_two_node_cluster(
-    dataset: Path, tmp_path: Path, two_node_cluster: tuple[str, dict[str, str]]
-) -> None:
-    address, env = two_node_cluster
-    env = {k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"}  # set by earlier runs
-    home = tmp_path / "home"
-    command = [*_train_command(dataset, "training.epochs=1"), "--workers", "2"]
-    command += ["--ray-address", address]
-    out = subprocess.run(
-        command,
-        env={**env, "EYEHUB_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    client = mlflow.MlflowClient(f"sqlite:///{(home / 'mlflow.db').resolve()}")
-    run_id = json.loads(next((home / "runs").glob(f"*/{RUN_STATE}")).read_text())["run_id"]
-    run = client.get_run(run_id)
-    assert run.data.tags["eyehub.train_workers"] == "2"
-    assert len(run.data.tags["eyehub.train_nodes"].split(",")) == 2  # one worker per node
-    assert "test/referable_dr/auroc" in run.data.metrics
 
 
 def _free_port() -> int:
@@ -114,25 +77,43 @@ def mlflow_server(tmp_path: Path) -> Iterator[str]:
 
 
 @pytest.mark.slow
-def test_a_run_goes_to_an_mlflow_server_artifacts_included(
-    dataset: Path, tmp_path: Path, mlflow_server: str
+@pytest.mark.cluster
+def test_two_workers_across_a_two_node_cluster_track_to_an_mlflow_server(
+    dataset: Path,
+    tmp_path: Path,
+    two_node_cluster: tuple[str, dict[str, str]],
+    mlflow_server: str,
 ) -> None:
+    """The command line on a two-node cluster (DDP over gloo, one worker per node), with
+    MLFLOW_TRACKING_URI set to a real `mlflow server`: everything goes there over HTTP,
+    artifacts and the registered model included, nothing to the local default store. One
+    run for both services: each run costs a minute on 2 cores."""
+    address, env = two_node_cluster
     home = tmp_path / "home"
-    summary = run_training(
-        load_train_config("fundus_demo", [*FAST, "training.epochs=1"]),
-        dataset,
-        TrainSettings(home=home, workers=1, tracking_uri=mlflow_server),
+    command = [*_train_command(dataset, "training.epochs=1"), "--workers", "2"]
+    command += ["--ray-address", address]
+    env = {**env, "EYEHUB_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
+    out = subprocess.run(
+        command,
+        env={**env, "MLFLOW_TRACKING_URI": mlflow_server},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
     )
-    assert summary.tracking_uri == mlflow_server
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     client = mlflow.MlflowClient(mlflow_server)
-    run = client.get_run(summary.run_id)
+    run_id = json.loads(next((home / "runs").glob(f"*/{RUN_STATE}")).read_text())["run_id"]
+    run = client.get_run(run_id)
+    assert run.data.tags["eyehub.train_workers"] == "2"
+    assert len(run.data.tags["eyehub.train_nodes"].split(",")) == 2  # one worker per node
     assert "test/referable_dr/auroc" in run.data.metrics
-    local = Path(client.download_artifacts(summary.run_id, "predictions", str(tmp_path)))
+    local = Path(client.download_artifacts(run_id, "predictions", str(tmp_path)))
     assert len(pd.read_parquet(local / "predictions.parquet")) > 0
     version = client.get_model_version_by_alias("eyehub-fundus_demo", "candidate")
-    assert version.run_id == summary.run_id
+    assert version.run_id == run_id
     assert not (home / "mlflow.db").exists()  # nothing went to the local default store
-    assert (tmp_path / "server" / "artifacts").is_dir()
+    assert any((tmp_path / "server" / "artifacts").rglob("predictions.parquet"))
 
 
 def _train_command(dataset: Path, *extra: str) -> list[str]:
@@ -150,7 +131,7 @@ def test_the_same_command_after_a_crash_resumes_into_the_same_run(
     home = tmp_path / "home"
     env = {**os.environ, "EYEHUB_HOME": str(home), "COLUMNS": "200", "NO_COLOR": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = _train_command(dataset, "training.epochs=3")
+    command = _train_command(dataset, "training.epochs=2")
     proc = subprocess.Popen(
         command,
         env=env,
@@ -182,6 +163,6 @@ def test_the_same_command_after_a_crash_resumes_into_the_same_run(
     assert json.loads(state_file.read_text())["status"] == "finished"
     client = mlflow.MlflowClient(f"sqlite:///{(home / 'mlflow.db').resolve()}")
     history = client.get_metric_history(first["run_id"], "val/referable_dr/auroc")
-    assert sorted({m.step for m in history}) == [0, 1, 2]  # no epoch lost
+    assert sorted({m.step for m in history}) == [0, 1]  # no epoch lost
     assert client.get_run(first["run_id"]).info.status == "FINISHED"
     assert "test metrics" in out.stdout and "models:/eyehub-fundus_demo@candidate" in out.stdout
