@@ -32,6 +32,7 @@ from sklearn.metrics import mean_absolute_error, roc_auc_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from eyehub.labels import label_spec
 from eyehub.synth.cohort import SITES
 from eyehub.synth.phenotype import make_patient
 
@@ -45,7 +46,7 @@ TARGETS: dict[str, tuple[str, float, float | None]] = {
     "sex": ("auroc", 0.85, None),
     "diabetes": ("auroc", 0.80, None),
     "hypertension": ("auroc", 0.80, None),
-    "dr_grade": ("qwk", 0.0, None),
+    "dr_grade": ("referral_auroc", 0.0, None),  # reported, no target
     "age": ("mae", 5.0, None),
     "null_control": ("auroc", 0.40, 0.60),
 }
@@ -84,8 +85,8 @@ def _baseline(
         model = make_pipeline(StandardScaler(), LinearRegression())
         model.fit(train[features], train[task].astype(float))
         return float(mean_absolute_error(test[task].astype(float), model.predict(test[features])))
-    y_train = train[task].map({"M": 1, "F": 0}) if task == "sex" else train[task]
-    y_test = test[task].map({"M": 1, "F": 0}) if task == "sex" else test[task]
+    encode = label_spec(task).encode  # sex: M 1, F 0, as training reads it
+    y_train, y_test = pd.Series(encode(train[task])), pd.Series(encode(test[task]))
     if kind == "ordinal":  # referral from grade 2, as the config's refer_from
         y_train, y_test = (y_train >= 2).astype(int), (y_test >= 2).astype(int)
     if y_train.nunique() < 2 or y_test.nunique() < 2:
@@ -111,8 +112,6 @@ def main() -> None:
     parser.add_argument("--no-train", action="store_true", help="report the latest runs only")
     args = parser.parse_args()
     import mlflow
-
-    from eyehub.labels import label_spec
 
     home = args.home.resolve()
     dataset, cohort = home / "demo" / "dataset", home / "demo" / "cohort"
@@ -153,7 +152,7 @@ def main() -> None:
         modality = "oct" if config.startswith("oct") else "fundus"  # fusion: by its fundus
         train = train[train.modality == modality]
         for task, (metric, bound, upper) in TARGETS.items():
-            key = f"test/{task}/{metric if task != 'dr_grade' else 'referral_auroc'}"
+            key = f"test/{task}/{metric}"
             value = run.data.metrics.get(key)
             if value is None:
                 continue
@@ -171,8 +170,7 @@ def main() -> None:
                 met = "yes" if value >= bound else "NO"
             positives = None
             if kind == "binary":
-                labels = test[task].map({"M": 1, "F": 0}) if task == "sex" else test[task]
-                positives = int((labels == 1).sum())
+                positives = int((label_spec(task).encode(test[task]) == 1).sum())
             table.append(
                 {
                     "config": config,

@@ -141,20 +141,23 @@ def _is_state_dict(obj: Mapping[object, object]) -> bool:
 
 
 def _timm_vit_to_monai(
-    tensors: dict[str, torch.Tensor], global_pool: bool
+    tensors: dict[str, torch.Tensor], global_pool: bool, dropped: list[str]
 ) -> dict[str, torch.Tensor]:
     """timm ViT names to MONAI's. timm adds pos_embed[0] to the class token; MONAI adds no
     position to it, so that slot is folded into the class token itself.
 
     Pooling: a network that pools patch tokens under `fc_norm` (vit-l16, as RETFound) takes
     a fine-tuned checkpoint's `fc_norm` as is, and has no use for a pretraining
-    checkpoint's final `norm` (RETFound drops it too). A class-token network takes the
-    final normalisation from `norm`, or from `fc_norm` where a checkpoint has only that."""
+    checkpoint's final `norm` (RETFound drops it too: its name goes to `dropped`). A
+    class-token network takes the final normalisation from `norm`, or from `fc_norm`
+    where a checkpoint has only that."""
     tensors = dict(tensors)
-    if not global_pool and "norm.weight" not in tensors:
-        for part in ("weight", "bias"):
-            if f"fc_norm.{part}" in tensors:
-                tensors[f"norm.{part}"] = tensors.pop(f"fc_norm.{part}")
+    for part in ("weight", "bias"):
+        if global_pool and f"norm.{part}" in tensors:
+            dropped.append(f"norm.{part}")
+            del tensors[f"norm.{part}"]
+        elif not global_pool and "norm.weight" not in tensors and f"fc_norm.{part}" in tensors:
+            tensors[f"norm.{part}"] = tensors.pop(f"fc_norm.{part}")
     out: dict[str, torch.Tensor] = {}
     for name, value in tensors.items():
         for pattern, repl in _TIMM_VIT:
@@ -218,16 +221,11 @@ def load_pretrained(network: nn.Module, path: Path) -> LoadReport:
     target_module, prefix = _load_target(network)
     own = target_module.state_dict()
     report = LoadReport(path=str(path), source_format=source_format)
-    global_pool = "fc_norm.weight" in own
     for name in [k for k in tensors if _MAE_DECODER.match(k)]:
         report.dropped.append(name)
         del tensors[name]
-    if global_pool and "patch_embed.proj.weight" in tensors:
-        for name in [k for k in ("norm.weight", "norm.bias") if k in tensors]:
-            report.dropped.append(name)  # the final norm a pooled ViT does not use
-            del tensors[name]
     if "patch_embed.proj.weight" in tensors:
-        tensors = _timm_vit_to_monai(tensors, global_pool)
+        tensors = _timm_vit_to_monai(tensors, "fc_norm.weight" in own, report.dropped)
     if any(_DENSE_TV.match(k) or _DENSE_TV_NODOT.match(k) for k in tensors):
         tensors = _densenet_torchvision_to_monai(tensors)
     merged = dict(own)
