@@ -7,7 +7,6 @@ STAMP := $(VENV)/.eyehub-installed
 # torch first: this pin resolves to the local CPU build here and the CUDA build on GPU hosts;
 # an unpinned torch would pull several GB of CUDA packages.
 TORCH_PIN := torch==2.13.0
-DEBIAN_PACKAGES := dicom3tools dcm2niix dcmtk
 
 .PHONY: install system-deps demo test lint bench clean
 
@@ -21,14 +20,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# Debian tools the tests and benchmarks use (dciodvfy validates the synthetic DICOM,
-# dcm2niix is the ingest benchmark's comparison). Installed where we can (root + apt);
-# tests that need them are skipped with a reason where they are absent.
+# Debian tools the tests and benchmarks use (dciodvfy validates the synthetic DICOM and
+# the scoring SR, dcm2niix is the ingest benchmark's comparison, Orthanc with its DICOMweb
+# plugin is the PACS of the scoring tests, chromium drives the scoring page's test).
+# Installed where we can (root + apt); tests that need them are skipped with a reason where
+# they are absent, and fail instead with CI=true.
 system-deps:
 	@missing=""; \
 	command -v dciodvfy >/dev/null || missing="$$missing dicom3tools"; \
 	command -v dcm2niix >/dev/null || missing="$$missing dcm2niix"; \
 	command -v dcmcjpeg >/dev/null || missing="$$missing dcmtk"; \
+	command -v Orthanc >/dev/null || missing="$$missing orthanc"; \
+	test -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so || missing="$$missing orthanc-dicomweb"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -45,6 +45,16 @@ UNGRADABLE_REASONS: Mapping[str, str] = {
     "internal_error": "a programming error in eyehub; the traceback is in the log file",
 }
 
+# scoring: why a scan sent to be scored was refused (HTTP 400, the CLI's error line); a bad
+# DICOM file is refused with its QUARANTINE_REASONS code, an ungradable one is scored as
+# "ungradable" with its UNGRADABLE_REASONS code (docs/inference.md)
+SCORING_REASONS: Mapping[str, str] = {
+    "wrong_modality": "the model does not take this kind of scan (a fundus model and an OCT)",
+    "incomplete_exam": "a fusion model needs a fundus photograph and an OCT of the same eye "
+    "and visit",
+    "not_an_upload": "the request carried no DICOM file",
+}
+
 
 def check_reason(code: str, reasons: Mapping[str, str]) -> str:
     """`code` if it is in `reasons`; otherwise a programming error (never bad input)."""

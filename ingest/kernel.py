@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ingest.pixels import clear_outside_fov
 from ingest.reader import ScanInfo, decode_fundus, inspect_scan, iter_oct_frames, read_header
@@ -33,6 +34,9 @@ class ScanPixels:
     spacing_mm: tuple[float, ...] | None
     pixels: np.ndarray
     fov_mask_fraction: float | None = None  # fundus: share kept by Clean Pixel Data
+    # load_scan: the file's attributes without Pixel Data, identifiers included (scoring
+    # writes its DICOM report into the scan's own study; ingest stores none of them)
+    header: Dataset | None = None
 
 
 def fundus_pixels(info: ScanInfo) -> tuple[np.ndarray, float]:
@@ -63,7 +67,11 @@ def load_scan(
     info = inspect_scan(read_header(source, isinstance(source, Path)), max_decoded_bytes)
     if info.modality == "fundus":
         pixels, kept = fundus_pixels(info)
-        return ScanPixels(info.modality, info.eye, info.axes, info.spacing_mm, pixels, kept)
+        return ScanPixels(
+            info.modality, info.eye, info.axes, info.spacing_mm, pixels, kept, info.header
+        )
     assert info.order is not None
     volume = np.stack(list(oct_frames(source, info)))[info.order]
-    return ScanPixels(info.modality, info.eye, info.axes, info.spacing_mm, volume)
+    if "PixelData" in info.header:
+        del info.header.PixelData
+    return ScanPixels(info.modality, info.eye, info.axes, info.spacing_mm, volume, None, info.header)

@@ -124,10 +124,12 @@ def finish_run(
         mlflow.log_artifact(str(table), "predictions")
         model_dir = model.save(folder / "model")
     summary.model_dir = model_dir
-    _register(config, model, model_dir, summary)
+    register_model(config, model, model_dir, summary)
 
 
-def _register(config: TrainConfig, model: EyeModel, model_dir: Path, summary: Any) -> None:
+def register_model(config: TrainConfig, model: EyeModel, model_dir: Path, summary: Any) -> None:
+    """Log `model_dir` as the run's pyfunc model (in the active MLflow run), register it as
+    `eyehub-<config>` with alias `candidate`, and set `summary.model_name` and `.model_version`."""
     import mlflow
     from mlflow.models import infer_signature
 
