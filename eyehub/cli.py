@@ -478,6 +478,280 @@ def train(
     )
 
 
+def _model_and_scorer(
+    model: str, key_file: Path | None, explain_task: str | None, device: str
+) -> tuple[Any, Any]:
+    """The loaded model and its Scorer, with the hub key (or a per-run key, said so)."""
+    from inference.registry import load_model
+    from inference.score import Scorer
+    from ingest import HubKey, load_key
+
+    env = Environment.from_environ()
+    path = key_file or env.key_file
+    if path is not None:
+        key = load_key(path)
+    else:
+        import secrets
+
+        key = HubKey(secrets.token_bytes(32))
+        console.print(
+            "note: no hub key given (--key-file or EYEHUB_KEY_FILE); scans are named by "
+            "pseudonyms that hold for this run only"
+        )
+    loaded = load_model(model, env.default_tracking_uri, env.home / "cache" / "models", device)
+    described = loaded.describe()
+    console.print(
+        f"model {described['name']}"
+        + (f" version {described['version']}" if described["version"] else "")
+        + (f" (alias {described['alias']})" if described["alias"] else "")
+        + f", {described['input']} input, recipe {described['recipe_id']}"
+    )
+    return loaded, Scorer(loaded, key, device=device, explain_task=explain_task)
+
+
+def _write_exam(result: Any, loaded: Any, out: Path, sr: bool) -> list[Path]:
+    """The exam's JSON, heat-map PNG(s) and (with `sr`) DICOM SR under `out`, named by the
+    exam's pseudonym (a file name is never a patient identifier)."""
+    import json
+
+    from eyehub.storage import atomic_path, write_text_atomic
+    from inference.heatmap import png_bytes
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    stem = result.scan
+    write_text_atomic(out / f"{stem}.json", json.dumps(result.to_json(), indent=2))
+    written.append(out / f"{stem}.json")
+    for image in result.images:
+        suffix = "" if len(result.images) == 1 else f"-{image.scan.modality}"
+        path = out / f"{stem}{suffix}.png"
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(png_bytes(image.overlay()))
+        written.append(path)
+    if sr:
+        from inference.sr import build_sr
+
+        report = build_sr(result, loaded)
+        path = out / f"{stem}.sr.dcm"
+        with atomic_path(path) as tmp:
+            report.save_as(tmp, enforce_file_format=True)
+        written.append(path)
+    return written
+
+
+def print_exam(result: Any, source: str) -> None:
+    style = {"refer": "bold red", "routine": "bold green", "ungradable": "bold yellow"}
+    decision = result.to_json()["decision"]
+    console.print(f"[bold]{source}[/] ({result.eye} eye) scan {result.scan}", highlight=False)
+    console.print(f"  [{style[decision]}]{result.headline()}[/]", highlight=False)
+    for task in result.tasks:
+        console.print(f"    {task.words()}", highlight=False)
+
+
+@app.command(cls=LoggedCommand)
+def score(
+    scans: Annotated[
+        list[Path] | None, typer.Argument(help="DICOM files of one or more patients' eyes.")
+    ] = None,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="models:/eyehub-<name>@<alias>, models:/eyehub-<name>/<version>, or a "
+            "model directory.",
+        ),
+    ] = "models:/eyehub-fundus_demo@champion",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where results go (default: ./eyehub-scores).")
+    ] = None,
+    sr: Annotated[
+        bool, typer.Option("--sr", help="Also write a DICOM Structured Report per exam.")
+    ] = False,
+    pacs: Annotated[
+        str | None,
+        typer.Option(help="DICOMweb base URL of a PACS to fetch --study from (and store SRs to)."),
+    ] = None,
+    study: Annotated[
+        str | None, typer.Option(help="Study Instance UID to score from --pacs.")
+    ] = None,
+    pacs_token_file: Annotated[
+        Path | None, typer.Option(help="File holding a bearer token for the PACS.")
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Score a whole ingested dataset with Ray Data into a Parquet instead."),
+    ] = None,
+    explain_task: Annotated[
+        str | None, typer.Option(help="The task the heat map explains (default: primary).")
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Hub secret key, for scan pseudonyms ($EYEHUB_KEY_FILE).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
+    workers: Annotated[int, typer.Option(help="--dataset: Ray Data scoring actors.")] = 2,
+    ray_address: Annotated[
+        str | None, typer.Option(help="--dataset: Ray cluster address (default: local).")
+    ] = None,
+) -> None:
+    """Score scans: calibrated risks, decisions in words, heat maps (and DICOM SR).
+
+    Per exam it writes SCAN.json (the result), SCAN.png (the heat map over the scan; for an
+    OCT the B-scan that mattered most) and with --sr SCAN.sr.dcm, named by the scan's
+    keyed pseudonym. Exit status: 0 every scan scored (ungradable ones included); 3 some
+    files were refused (not DICOM, not a scan the model takes); 2 usage error.
+    """
+    from eyehub.errors import EyehubError, UsageError
+
+    env = Environment.from_environ()
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dataset is not None:
+        if scans or pacs:
+            raise UsageError("--dataset scores a whole dataset; give no files and no --pacs")
+        from inference.batch import score_dataset
+
+        with _progress("score", "scans") as update:
+            summary = score_dataset(
+                dataset,
+                model,
+                tracking_uri=env.default_tracking_uri,
+                cache=env.home / "cache" / "models",
+                out=out,
+                workers=workers,
+                device=device,
+                ray_address=ray_address or env.ray_address,
+                on_progress=update,
+            )
+        console.print(
+            f"{summary.scans} scans in {summary.seconds:.1f} s: {summary.scored} scored, "
+            f"{summary.ungradable} ungradable"
+        )
+        console.print(f"predictions: {summary.path}")
+        return
+    if (pacs is None) != (study is None):
+        raise UsageError("--pacs and --study go together")
+    if pacs is None and not scans:
+        raise UsageError("give DICOM files to score, --pacs URL --study UID, or --dataset")
+    token = pacs_token_file.read_text().strip() if pacs_token_file is not None else None
+    loaded, scorer = _model_and_scorer(model, key_file, explain_task, device)
+    out = out or Path("eyehub-scores")
+    sources: list[tuple[str, Path | bytes]]
+    if pacs is not None:
+        from inference.pacs import retrieve_study
+
+        assert study is not None
+        fetched = retrieve_study(pacs, study, token)
+        console.print(f"retrieved {len(fetched)} instance(s) of the study from the PACS")
+        sources = [(f"instance {i + 1}", b) for i, b in enumerate(fetched)]
+    else:
+        sources = [(str(p), p) for p in scans or []]
+    # one file at a time (a folder of volumes never sits in memory whole), except for a
+    # fusion model, which pairs each eye's photograph and OCT first
+    batches = [sources] if loaded.model.spec.input == "fusion" else [[s] for s in sources]
+    refused, scored, reports = 0, 0, []
+    for batch in batches:
+        read = []
+        for label, source in batch:
+            try:
+                read.append((label, scorer.read(source)))
+            except EyehubError as exc:
+                refused += 1
+                reason = getattr(exc, "reason", type(exc).__name__)
+                console.print(f"[bold yellow]refused[/] {label}: {reason}: {exc}", highlight=False)
+        labels = {id(scan): label for label, scan in read}
+        exams, refusals = scorer.partition([scan for _, scan in read])
+        for group, error in refusals:
+            names = ", ".join(labels[id(scan)] for scan in group)
+            if pacs is not None and error.reason == "wrong_modality":  # studies hold both kinds
+                console.print(f"skipped {names}: {group[0].modality} scan", highlight=False)
+                continue
+            refused += len(group)
+            console.print(
+                f"[bold yellow]refused[/] {names}: {error.reason}: {error}", highlight=False
+            )
+        for result in scorer.score_exams(exams):
+            written = _write_exam(result, loaded, out, sr)
+            scored += 1
+            print_exam(result, ", ".join(labels[id(i.scan)] for i in result.images))
+            for path in written:
+                console.print(f"    -> {path}", highlight=False)
+            if sr:
+                reports.append(written[-1])
+    if pacs is not None and sr and reports:
+        import pydicom
+
+        from inference.pacs import store_instances
+
+        store_instances(pacs, [pydicom.dcmread(p) for p in reports], token)
+        console.print(f"stored {len(reports)} structured report(s) in the study on the PACS")
+    console.print(f"{scored} exam(s) scored, {refused} file(s) refused; results in {out}")
+    if refused:
+        raise typer.Exit(EXIT_QUARANTINED)
+
+
+@app.command(cls=LoggedCommand)
+def serve(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            help="models:/eyehub-<name>@<alias> (followed when the alias moves), "
+            "models:/eyehub-<name>/<version>, or a model directory.",
+        ),
+    ] = "models:/eyehub-fundus_demo@champion",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8080,
+    max_upload_mb: Annotated[
+        float, typer.Option(help="Uploads above this are refused with 413.")
+    ] = 512,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(help="File holding the API's bearer token (default: $EYEHUB_API_TOKEN)."),
+    ] = None,
+    key_file: Annotated[
+        Path | None, typer.Option(help="Hub secret key, for the audit's scan pseudonyms.")
+    ] = None,
+    reload_interval: Annotated[
+        float, typer.Option(help="Seconds between looks at where the model's alias points.")
+    ] = 30.0,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Serve on Ray Serve at this cluster ('local' starts one) instead."),
+    ] = None,
+    replicas: Annotated[int, typer.Option(help="Ray Serve replicas (with --ray-address).")] = 1,
+) -> None:
+    """Serve scoring over HTTP: POST /v1/score, the clinician's page at /, /metrics, /docs."""
+    import os
+
+    from eyehub.errors import UsageError
+    from inference.service import ServiceSettings, run_service
+
+    env = Environment.from_environ()
+    token = os.environ.get("EYEHUB_API_TOKEN") or None
+    if token_file is not None:
+        if not token_file.is_file():
+            raise UsageError(f"--token-file {token_file} does not exist")
+        token = token_file.read_text().strip() or None
+    settings = ServiceSettings(
+        model=model,
+        tracking_uri=env.default_tracking_uri,
+        cache=env.home / "cache" / "models",
+        key_file=key_file or env.key_file,
+        host=host,
+        port=port,
+        max_upload_mb=max_upload_mb,
+        token=token,
+        reload_interval_s=reload_interval,
+        device=device,
+        ray_address=ray_address,
+        replicas=replicas,
+    )
+    run_service(settings, lambda line: console.print(line, highlight=False))
+
+
 @app.command(cls=LoggedCommand)
 def demo(
     home: Annotated[
@@ -488,7 +762,9 @@ def demo(
     train_model: Annotated[
         bool,
         typer.Option(
-            "--train/--no-train", help="End by training and registering the fundus_demo model."
+            "--train/--no-train",
+            help="End by training and registering the fundus_demo model and scoring a "
+            "held-out patient's scan with it.",
         ),
     ] = True,
 ) -> None:
@@ -503,9 +779,10 @@ def demo(
     cohort = root / "cohort"
     dataset = root / "dataset"
     key_path = root / "hub.key"
-    console.rule(f"[bold]1/{4 if train_model else 3} synth: a synthetic hospital export")
+    steps = 5 if train_model else 3
+    console.rule(f"[bold]1/{steps} synth: a synthetic hospital export")
     _run_synth(cohort, patients=patients, seed=7, size="small", workers=None)
-    console.rule(f"[bold]2/{4 if train_model else 3} ingest: de-identify into an OME-Zarr dataset")
+    console.rule(f"[bold]2/{steps} ingest: de-identify into an OME-Zarr dataset")
     if not key_path.exists():
         generate_key_file(key_path)
         console.print(
@@ -519,7 +796,6 @@ def demo(
         labels=cohort / "labels.csv",
         settings=IngestSettings(workers=2),
     )
-    steps = 4 if train_model else 3
     console.rule(f"[bold]3/{steps} preprocess: training-ready tensors (recipe 'small')")
     _run_preprocess(
         dataset,
@@ -533,12 +809,16 @@ def demo(
         from training.config import load_train_config
         from training.run import TrainSettings
 
-        console.rule("[bold]4/4 train: the fundus_demo model, tracked in MLflow and registered")
+        console.rule("[bold]4/5 train: the fundus_demo model, tracked in MLflow and registered")
         trained = _run_train(
             load_train_config("fundus_demo"),
             dataset,
             settings=TrainSettings(home=(home or env.home), tracking_uri=env.tracking_uri),
         )
+    scored = None
+    if trained is not None:
+        console.rule("[bold]5/5 score: a held-out patient's scans with the champion model")
+        scored = _demo_score(root, trained, key_path, env)
     console.rule("[bold]done")
     console.print(f"demo outputs are under {root.resolve()}")
     console.print(f"  synthetic DICOM export: {(cohort / 'dicom').resolve()}")
@@ -549,7 +829,62 @@ def demo(
             f"  registered model:       models:/{trained.model_name}@candidate "
             f"(version {trained.model_version}); `eyehub ui` or MLflow at {trained.tracking_uri}"
         )
+    if scored is not None:
+        console.print(f"  held-out scan scored:   {scored} (heat map and DICOM SR beside it)")
+        console.print(f"  serve it to clinicians: {_serve_hint(root, trained)}", highlight=False)
     console.print(f"  log of this run:        {_log_file_text()}")
+
+
+def _serve_hint(root: Path, trained: TrainSummary | None) -> str:
+    token_file = (root / "api-token").resolve()
+    name = trained.model_name if trained is not None else "eyehub-fundus_demo"
+    return (
+        f"eyehub serve --model models:/{name}@champion --token-file {token_file} "
+        f"(page at http://127.0.0.1:8080/, API token {token_file.read_text().strip()})"
+    )
+
+
+def _demo_score(root: Path, trained: TrainSummary, key_path: Path, env: Environment) -> Path:
+    """The demo's last step: the trained version becomes `champion` when there is none
+    yet (a later one is moved there only by a promotion), then a photograph of a patient
+    the model never saw is scored with it, with heat map and DICOM SR; an API token for
+    `eyehub serve` is written beside them."""
+    import secrets
+
+    import mlflow
+
+    from eyehub.synth import generate_cohort
+
+    client = mlflow.MlflowClient(tracking_uri=trained.tracking_uri)
+    name = trained.model_name
+    try:
+        champion = client.get_model_version_by_alias(name, "champion").version
+        console.print(f"{name}: champion stays at version {champion}")
+    except mlflow.exceptions.MlflowException:
+        client.set_registered_model_alias(name, "champion", trained.model_version)
+        champion = trained.model_version
+        console.print(f"{name}: version {champion} is the first model, promoted to champion")
+    heldout = root / "heldout"
+    if not (heldout / "truth.csv").exists():
+        generate_cohort(heldout, patients=1, seed=8_000_001, size="small", workers=1)
+    import pandas as pd
+
+    truth = pd.read_csv(heldout / "truth.csv")
+    scan = heldout / str(truth[truth.kind == "fundus"].path.iloc[0])
+    token_file = root / "api-token"
+    if not token_file.exists():
+        token_file.touch(mode=0o600)
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+    loaded, scorer = _model_and_scorer(
+        f"models:/{name}@champion", key_path, explain_task=None, device="cpu"
+    )
+    out = root / "scores"
+    (result,) = scorer.score_files([scan])
+    written = _write_exam(result, loaded, out, sr=True)
+    print_exam(result, str(scan))
+    for path in written:
+        console.print(f"    -> {path.resolve()}", highlight=False)
+    return written[0].resolve()
 
 
 def run(application: typer.Typer, args: list[str] | None = None) -> None:

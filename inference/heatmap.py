@@ -6,7 +6,7 @@ back through the preparation's geometry onto the scan as it was sent:
 - fundus: the prepared image is the square of side 2r around the fitted field of view
   (centre cx, cy, radius r in source pixels; preprocess.fundus.crop_to_fov), so a source
   pixel (x, y) sits at ((x + 0.5 - cx) / r, (y + 0.5 - cy) / r) in the map's normalised
-  coordinates; outside that square the map is 0.
+  coordinates; outside the field of view's circle the map is 0.
 - OCT: the prepared volume is the recipe's extent in millimetres centred on the scanned
   volume (preprocess.oct.resample); a source B-scan pixel maps through its position in mm.
   The attention over the prepared B-scans is carried onto the source B-scans the same way.
@@ -36,7 +36,8 @@ def fundus_to_source(
     r = max(float(radius), 1e-6)
     gx = (np.arange(width) + 0.5 - cx) / r
     gy = (np.arange(height) + 0.5 - cy) / r
-    return _sample(heatmap, gx, gy)
+    inside = (gx[None, :] ** 2 + gy[:, None] ** 2) <= 1.0  # the field of view's circle
+    return _sample(heatmap, gx, gy) * inside
 
 
 def _normalised_positions(n_src: int, spacing: float, extent_out: float) -> np.ndarray:

@@ -152,7 +152,7 @@ def load_model(
         shutil.rmtree(directory, ignore_errors=True)
         _download(ref.name, version, tracking_uri, directory)
         model = EyeModel.load(directory, device)
-    log.info("loaded %s version %s", ref.name, version)
+    log.debug("loaded %s version %s", ref.name, version)
     return LoadedModel(model, ref, version, run_id)
 
 

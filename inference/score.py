@@ -140,15 +140,23 @@ class TaskResult:
     value: float | None = None  # regression, in `unit`
     unit: str | None = None
 
+    @property
+    def name(self) -> str:
+        """The description without its parenthesis: "diabetic retinopathy grade"."""
+        return self.description.split(" (")[0]
+
     def words(self) -> str:
+        """The result in words: "referable diabetic retinopathy: 87% -> refer (threshold 42%)"."""
         if self.decision is None and self.unit is not None and self.unit.startswith("prob"):
-            return f"{self.description}: {self.unit} {self.value:.0%}"
+            return f"{self.name}: {self.unit} {self.value:.0%}"
         if self.kind == "regression":
-            return f"{self.description}: {self.value:.1f} {self.unit or ''}".rstrip()
-        parts = [f"{self.description}:"]
+            return f"{self.name}: {self.value:.1f} {self.unit or ''}".rstrip()
+        parts = [f"{self.name}:"]
         if self.grade is not None:
-            parts.append(f"grade {self.grade}")
-        if self.probability is not None:
+            parts.append(f"grade {self.grade},")
+            if self.probability is not None:
+                parts.append(f"referable {self.probability:.0%}")
+        elif self.probability is not None:
             parts.append(f"{self.probability:.0%}")
         if self.decision is not None:
             parts.append(f"-> {self.decision} (threshold {self.threshold:.0%})")
@@ -187,7 +195,7 @@ class ExamResult:
                 f"UNGRADABLE: {UNGRADABLE_REASONS.get(self.reason or '', self.reason)}; "
                 "no risk figures are given. Repeat the scan."
             )
-        referred = [t.description for t in self.tasks if t.decision == REFER]
+        referred = [t.name for t in self.tasks if t.decision == REFER]
         if referred:
             return "REFER: " + "; ".join(referred)
         return "ROUTINE: no finding above its referral threshold"
@@ -267,32 +275,49 @@ class Scorer:
     def exams(self, scans: Sequence[Scan]) -> list[list[Scan]]:
         """The scans grouped as the model scores them; a scan the model cannot take is
         refused (InputError) before anything is computed."""
+        exams, refused = self.partition(scans)
+        if refused:
+            raise refused[0][1]
+        return exams
+
+    def partition(
+        self, scans: Sequence[Scan]
+    ) -> tuple[list[list[Scan]], list[tuple[list[Scan], InputError]]]:
+        """The exams the model can score, and the scans it cannot take with the reason
+        (a photograph sent to an OCT model; for a fusion model, an eye and visit without
+        exactly one photograph and one OCT)."""
         kind = self.loaded.model.spec.input
+        exams: list[list[Scan]] = []
+        refused: list[tuple[list[Scan], InputError]] = []
         if kind != "fusion":
             for scan in scans:
-                if scan.modality != kind:
-                    raise _refuse(
-                        "wrong_modality",
-                        f"this model ({self.loaded.name}) scores {_kind_words(kind)}; "
-                        f"the scan sent is {_kind_words(scan.modality, one=True)}",
-                    )
-            return [[s] for s in scans]
+                if scan.modality == kind:
+                    exams.append([scan])
+                    continue
+                error = _refuse(
+                    "wrong_modality",
+                    f"this model ({self.loaded.name}) scores {_kind_words(kind)}; "
+                    f"the scan sent is {_kind_words(scan.modality, one=True)}",
+                )
+                refused.append(([scan], error))
+            return exams, refused
         groups: dict[tuple[str, str], list[Scan]] = {}
         for scan in scans:
             groups.setdefault(scan.visit, []).append(scan)
-        exams = []
         for group in groups.values():
             fundus = [s for s in group if s.modality == "fundus"]
             octs = [s for s in group if s.modality == "oct"]
-            if len(fundus) != 1 or len(octs) != 1:
-                raise _refuse(
-                    "incomplete_exam",
-                    f"this fusion model ({self.loaded.name}) scores a fundus photograph and "
-                    "an OCT of the same eye and visit together; send one of each (found "
-                    f"{len(fundus)} photograph(s) and {len(octs)} OCT(s) for an eye)",
-                )
-            exams.append([fundus[0], octs[0]])
-        return exams
+            if len(fundus) == 1 and len(octs) == 1:
+                exams.append([fundus[0], octs[0]])
+                continue
+            error = _refuse(
+                "incomplete_exam",
+                f"this fusion model ({self.loaded.name}) scores a fundus photograph and "
+                "an OCT of the same eye and visit together; send one of each (found "
+                f"{len(fundus)} photograph(s) and {len(octs)} OCT(s) for an eye)",
+            )
+            refused.append((group, error))
+        return exams, refused
 
     # -- scoring ------------------------------------------------------------------------
 
@@ -308,7 +333,10 @@ class Scorer:
 
     def score(self, scans: Sequence[Scan]) -> list[ExamResult]:
         """Score scans already read (see `exams` for how they are grouped)."""
-        exams = self.exams(scans)
+        return self.score_exams(self.exams(scans))
+
+    def score_exams(self, exams: Sequence[Sequence[Scan]]) -> list[ExamResult]:
+        """Score exams as `partition` gives them."""
         model = self.loaded.model
         t0 = time.perf_counter()
         flat = [s for exam in exams for s in exam]
@@ -317,7 +345,8 @@ class Scorer:
         results: list[ExamResult] = []
         at = 0
         for exam in exams:
-            images = [ImageResult(s, p) for s, p in zip(exam, prepared[at : at + len(exam)])]
+            part = prepared[at : at + len(exam)]
+            images = [ImageResult(s, p) for s, p in zip(exam, part, strict=True)]
             at += len(exam)
             results.append(self._score_exam(images))
             results[-1].latency_ms = {"prepare": prepare_ms, **results[-1].latency_ms}

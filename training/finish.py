@@ -127,6 +127,18 @@ def finish_run(
     register_model(config, model, model_dir, summary)
 
 
+def _requirements() -> list[str]:
+    """What the logged pyfunc needs: eyehub (whose code it is) at this version, with the
+    torch and MLflow it was saved with."""
+    from importlib.metadata import version
+
+    return [
+        f"eyehub=={version('eyehub')}",
+        f"torch=={version('torch')}",
+        f"mlflow=={version('mlflow')}",
+    ]
+
+
 def register_model(config: TrainConfig, model: EyeModel, model_dir: Path, summary: Any) -> None:
     """Log `model_dir` as the run's pyfunc model (in the active MLflow run), register it as
     `eyehub-<config>` with alias `candidate`, and set `summary.model_name` and `.model_version`."""
@@ -157,6 +169,8 @@ def register_model(config: TrainConfig, model: EyeModel, model_dir: Path, summar
             signature=signature,
             input_example=example,
             registered_model_name=name,
+            # given, not inferred: inferring them loads the model in a subprocess (seconds)
+            pip_requirements=_requirements(),
         )
     version = str(info.registered_model_version)
     client = mlflow.MlflowClient()

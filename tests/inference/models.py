@@ -63,8 +63,10 @@ def register(
 
     config = load_train_config(config_name)
     model = build_model(config, seed)
+    from training.run import _experiment
+
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(f"scoring-tests-{config_name}")
+    _experiment(f"scoring-tests-{config_name}", folder)  # artifacts under folder, not ./mlruns
     with mlflow.start_run() as run:
         model.info["run_id"] = run.info.run_id
         model_dir = model.save(folder / f"{config_name}-{seed}")
