@@ -18,7 +18,7 @@ status the scoring service answers with (`http_status`):
 | `DatasetError` | a dataset breaks the dataset contract | 2 | 422 |
 | `ModelError` | a model cannot be loaded, or cannot take an input | 2 | 422 |
 | `KeyMissingError` | the hub's pseudonymisation key was not given | 2 | 500 |
-| `ServiceUnavailableError` | the service cannot answer yet (no model loaded) | 1 | 503 |
+| `ServiceUnavailableError` | the service cannot answer yet (no model loaded), or a PACS cannot be reached or refuses | 1 | 503 |
 
 The 5xx statuses are the server's fault, not the request's: a missing key is a service
 misconfiguration, and a model that fails to load when the service starts leaves it
@@ -99,6 +99,7 @@ class ModelError(EyehubError, ValueError):
 
 
 class ServiceUnavailableError(EyehubError, RuntimeError):
-    """The service cannot answer yet: no model is loaded (or it failed to load)."""
+    """The service cannot answer yet (no model is loaded, or it failed to load), or a
+    service eyehub depends on (a PACS) cannot be reached, refuses, or fails."""
 
     http_status = 503

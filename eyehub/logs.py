@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Iterator
@@ -50,6 +51,7 @@ _CHATTY = (
     "highdicom",
     "libjpeg",
     "rle",
+    "dicomweb_client",  # its DEBUG lines carry request URLs, with study UIDs in them
 )
 
 _log_file: Path | None = None
@@ -226,12 +228,39 @@ def command_output(home: Path, *, verbose: bool, console: Console) -> Iterator[P
     start_logging(log_file, verbose=verbose, console=console)
     if problem:
         log.warning("no log file: cannot write under %s (%s)", home / LOG_DIR, problem)
-    log.debug("eyehub %s", " ".join(sys.argv[1:]))
+    log.debug("eyehub %s", " ".join(masked_arguments(sys.argv[1:])))
     if verbose or log_file is None:
         yield log_file
         return
     with stderr_to(log_file) as terminal, _console_file(console, terminal):
         yield log_file
+
+
+# options whose value is a secret or identifies a patient's study: never written down
+_MASKED_OPTIONS = ("--study",)
+_URL_CREDENTIALS = re.compile(r"//[^/@\s]+@")
+
+
+def masked_arguments(args: list[str]) -> list[str]:
+    """The command line as the log records it: `user:password@` in URLs and the values of
+    options that name a patient's study replaced by `***`."""
+    out = []
+    masked_next = False
+    for arg in args:
+        if masked_next:
+            out.append("***")
+            masked_next = False
+            continue
+        name, eq, _ = arg.partition("=")
+        if name in _MASKED_OPTIONS:
+            if eq:
+                out.append(f"{name}=***")
+            else:
+                out.append(arg)
+                masked_next = True
+            continue
+        out.append(_URL_CREDENTIALS.sub("//***@", arg))
+    return out
 
 
 def _try_new_log_file(home: Path) -> tuple[Path | None, str]:

@@ -15,7 +15,7 @@ import pytest
 
 from eyehub.errors import ConfigError, DatasetError, UsageError
 from eyehub.labels import LABELS, label_spec
-from eyehub.reasons import QUARANTINE_REASONS, UNGRADABLE_REASONS
+from eyehub.reasons import QUARANTINE_REASONS, SCORING_REASONS, UNGRADABLE_REASONS
 from eyehub.settings import load_settings
 from eyehub.synth.cohort import LABEL_COLUMNS
 from ingest import HubKey
@@ -115,6 +115,7 @@ _WRITERS = [
     re.compile(r"reason[\"']?\s*[=:]\s*\"" + _CODE + '"'),
     re.compile(r"reason=\"" + _CODE + '"'),
     re.compile(r"_failed\([^,()]+,\s*\"" + _CODE + '"'),
+    re.compile(r"_refuse\(\s*\"" + _CODE + '"'),
 ]
 
 
@@ -146,11 +147,20 @@ def test_every_reason_code_written_is_in_its_closed_set() -> None:
     assert {"too_dark", "low_signal"} <= preprocess_codes  # the scan finds them
     assert ingest_codes <= set(QUARANTINE_REASONS), ingest_codes - set(QUARANTINE_REASONS)
     assert preprocess_codes <= set(UNGRADABLE_REASONS), preprocess_codes - set(UNGRADABLE_REASONS)
+    # scoring refuses with its own codes, or ingest's for a bad file
+    scoring_codes = _written_codes("inference")
+    assert {"wrong_modality", "incomplete_exam"} <= scoring_codes
+    allowed = set(SCORING_REASONS) | set(QUARANTINE_REASONS)
+    assert scoring_codes <= allowed, scoring_codes - allowed
 
 
 @pytest.mark.parametrize(
     ("doc", "codes"),
-    [("docs/ingest.md", QUARANTINE_REASONS), ("docs/preprocess.md", UNGRADABLE_REASONS)],
+    [
+        ("docs/ingest.md", QUARANTINE_REASONS),
+        ("docs/preprocess.md", UNGRADABLE_REASONS),
+        ("docs/inference.md", SCORING_REASONS),
+    ],
 )
 def test_every_reason_code_is_documented(doc: str, codes: dict[str, str]) -> None:
     text = (ROOT / doc).read_text(encoding="utf-8")

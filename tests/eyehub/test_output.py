@@ -260,3 +260,13 @@ def test_summaries_point_internal_errors_to_the_log_file(
     out = capsys.readouterr().out
     assert f"2 file(s) hit an internal error; tracebacks are in {log_file}" in out
     assert f"1 scan(s) hit an internal error; tracebacks are in {log_file}" in out
+
+
+def test_the_logged_command_line_keeps_no_credentials_or_study_uid() -> None:
+    from eyehub.logs import masked_arguments
+
+    args = ["score", "--pacs", "http://clinic:s3cret@pacs:8042/dicom-web", "--study", "1.2.3.4"]
+    logged = " ".join(masked_arguments([*args, "--study=5.6.7", "scan.dcm"]))
+    assert "s3cret" not in logged and "clinic" not in logged
+    assert "1.2.3.4" not in logged and "5.6.7" not in logged
+    assert "http://***@pacs:8042/dicom-web" in logged and "scan.dcm" in logged

@@ -207,7 +207,7 @@ def test_oct_sr(
             assert figures["Probability"] == pytest.approx(task.probability, abs=1e-6)
 
 
-def darkened(source: Path, target: Path, factor: float = 0.04) -> Path:
+def darkened(source: Path, target: Path, factor: float = 0.12) -> Path:
     """The photograph with its pixels scaled down (an underexposed capture), stored
     uncompressed (Explicit VR Little Endian) with its header otherwise unchanged."""
     ds = pydicom.dcmread(source)
@@ -227,8 +227,9 @@ def test_ungradable_exam_sr_says_why_and_gives_no_figures(
 ) -> None:
     file = darkened(first_file(cohort_files, "fundus"), tmp_path / "dark.dcm")
     result = score(fundus_loaded, hub_key, file)
-    assert result.status == "ungradable"
-    assert result.reason is not None
+    # an underexposed photograph: mean brightness in its field of view below the recipe's
+    # fundus.min_illumination (0.12; about 0.05 here)
+    assert (result.status, result.reason) == ("ungradable", "too_dark")
     path = tmp_path / "sr.dcm"
     sr = write(build_sr(result, fundus_loaded), path)
 
