@@ -18,7 +18,7 @@ status the scoring service answers with (`http_status`):
 | `DatasetError` | a dataset breaks the dataset contract | 2 | 422 |
 | `ModelError` | a model cannot be loaded, or cannot take an input | 2 | 422 |
 | `KeyMissingError` | the hub's pseudonymisation key was not given | 2 | 500 |
-| `ServiceUnavailableError` | the service cannot answer yet (no model loaded), or a PACS cannot be reached or refuses | 1 | 503 |
+| `ServiceUnavailableError` | no model loaded yet, or a PACS unreachable or refusing | 1 | 503 |
 
 The 5xx statuses are the server's fault, not the request's: a missing key is a service
 misconfiguration, and a model that fails to load when the service starts leaves it
