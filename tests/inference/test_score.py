@@ -290,3 +290,37 @@ def test_eyehub_score_writes_json_and_heat_map_per_scan_and_refuses_bad_files_by
     for text in texts:
         for value in planted_identifiers:
             assert value not in text
+
+
+def test_the_demo_ends_by_scoring_a_held_out_scan_with_the_champion(
+    fundus_model: Registered,
+    scoring_home: Path,
+    key_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    from eyehub import cli
+    from eyehub.settings import Environment
+    from training.run import TrainSummary
+
+    monkeypatch.setenv("EYEHUB_HOME", str(scoring_home))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", fundus_model.tracking_uri)
+    trained = TrainSummary(
+        "run",
+        fundus_model.run_id,
+        "exp",
+        fundus_model.tracking_uri,
+        model_name=fundus_model.name,
+        model_version=fundus_model.version,
+    )
+    written = cli._demo_score(tmp_path, trained, key_file, Environment.from_environ())
+    out = capsys.readouterr().out
+    assert f"champion stays at version {fundus_model.version}" in out
+    body = json.loads(written.read_text())
+    assert body["model"]["alias"] == "champion" and body["decision"] in ("refer", "routine")
+    assert written.with_suffix(".png").is_file()
+    report = pydicom.dcmread(written.with_name(written.stem + ".sr.dcm"))
+    assert report.Modality == "SR"
+    assert len((tmp_path / "api-token").read_text().strip()) >= 24
+    assert (tmp_path / "api-token").stat().st_mode & 0o077 == 0  # the token is private
