@@ -51,6 +51,23 @@ log = logging.getLogger(__name__)
 
 REFER, ROUTINE, UNGRADABLE = "refer", "routine", "ungradable"
 
+# what an ungradable reason means at the point of care, and what to do about it (the
+# reason's definition for a script stays in eyehub.reasons.UNGRADABLE_REASONS)
+UNGRADABLE_ADVICE: dict[str, str] = {
+    "no_fov": "no retina was found in the photograph; retake it",
+    "too_dark": "the photograph is too dark; retake it with more light or a dilated pupil",
+    "overexposed": "the photograph is overexposed; retake it with less flash",
+    "fov_too_small": "the retina fills too little of the photograph; retake it centred",
+    "uneven_illumination": "the photograph is unevenly lit; retake it",
+    "blurred": "the photograph is out of focus; retake it",
+    "low_signal": "the OCT signal is too weak; repeat the scan",
+    "empty_bscans": "too many B-scans hold no signal; repeat the scan",
+    "saturated_bscans": "too many B-scans are saturated; repeat the scan",
+    "bad_geometry": "the scan's size or spacing is not one the model can use",
+    "store_unreadable": "the stored scan could not be read",
+    "internal_error": "eyehub failed to prepare the scan (see the log file)",
+}
+
 
 @dataclass
 class Scan:
@@ -192,8 +209,8 @@ class ExamResult:
         """The result in one line of words."""
         if self.status == UNGRADABLE:
             return (
-                f"UNGRADABLE: {UNGRADABLE_REASONS.get(self.reason or '', self.reason)}; "
-                "no risk figures are given. Repeat the scan."
+                f"UNGRADABLE: {UNGRADABLE_ADVICE.get(self.reason or '', self.reason)}; "
+                "no risk figures are given"
             )
         referred = [t.name for t in self.tasks if t.decision == REFER]
         if referred:

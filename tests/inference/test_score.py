@@ -174,7 +174,14 @@ def test_a_dark_photograph_is_ungradable_with_its_reason_and_no_figures(
     assert body["status"] == body["decision"] == "ungradable"
     assert body["reason"] == "too_dark" and "brightness" in body["reason_text"]
     assert body["tasks"] == [] and "heatmap" not in body["images"][0]
-    assert "no risk figures" in body["headline"]
+    assert "no risk figures" in body["headline"] and "too dark" in body["headline"]
+
+
+def test_every_ungradable_reason_has_advice_for_the_clinician() -> None:
+    from eyehub.reasons import UNGRADABLE_REASONS
+    from inference.score import UNGRADABLE_ADVICE
+
+    assert set(UNGRADABLE_ADVICE) == set(UNGRADABLE_REASONS)
 
 
 # -- heat-map geometry: the inverse of the preparation's ------------------------------------
