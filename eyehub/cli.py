@@ -752,6 +752,211 @@ def serve(
     run_service(settings, lambda line: console.print(line, highlight=False))
 
 
+# -- review: compare tracked runs, promote behind a guard, model cards, MLflow's UI --------
+# (inference/compare.py, promote.py, card.py, ui.py; docs/review.md)
+
+
+@app.command(cls=LoggedCommand)
+def compare(
+    runs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Two or more runs: MLflow run ids, models:/eyehub-<name>/<version> or "
+            "models:/eyehub-<name>@<alias>."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the report.")],
+    task: Annotated[
+        list[str] | None,
+        typer.Option("--task", help="Compare this task only (repeatable; default: all shared)."),
+    ] = None,
+    format_: Annotated[
+        str | None,
+        typer.Option("--format", help="html | md | json (default: --out's suffix, else html)."),
+    ] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(help="Patient bootstrap resamples (default: the first run's config's)."),
+    ] = None,
+) -> None:
+    """Compare tracked runs on the test samples they share: metrics with CIs, paired
+    differences (patient bootstrap, DeLong for AUROC), curves, subgroups (docs/review.md).
+
+    The HTML report is one self-contained file; md and json hold the same content (the JSON
+    is what a script gates on). Exit status: 0 compared; 2 usage error or unusable runs.
+    """
+    from eyehub.errors import UsageError
+    from inference.compare import compare_runs, report_format, write_report
+
+    fmt = report_format(out, format_)
+    if bootstrap is not None and bootstrap < 1:
+        raise UsageError(f"--bootstrap must be at least 1 (got {bootstrap})")
+    env = Environment.from_environ()
+    comparison = compare_runs(
+        runs,
+        env.default_tracking_uri,
+        tasks=task,
+        bootstrap=bootstrap,
+        on_note=lambda text: err_console.print(text, highlight=False),
+    )
+    print_comparison(comparison.content)
+    path = write_report(comparison, out, fmt)
+    console.print(f"report ({fmt}): {path.resolve()}", highlight=False)
+
+
+def print_comparison(content: dict[str, Any]) -> None:
+    """Each task's main metric per run and each pair's difference, then the warnings."""
+    from itertools import combinations
+
+    from rich.table import Table
+
+    from inference.compare import difference_text, interval, p_text
+
+    labels = [r["label"] for r in content["runs"]]
+    for r in content["runs"]:
+        console.print(f"{r['label']}: {r['title']}  (run {r['run_id']})", highlight=False)
+    pairs = list(combinations(labels, 2))
+    table = Table(title="main metric per task, on the shared test samples (95% CI)")
+    for column in ("task", "metric", *labels, *(f"{b} - {a}, p" for a, b in pairs)):
+        table.add_column(column)
+    for t in content["tasks"]:
+        metric = t["main_metric"]
+        if t["error"]:
+            table.add_row(t["task"], metric, *(["-"] * (len(labels) + len(pairs))))
+            continue
+        found = {(c["first"], c["second"]): c for c in t["comparisons"] if c["metric"] == metric}
+        cells = []
+        for pair in pairs:
+            c = found.get(pair)
+            if c is None or "skipped" in c:
+                cells.append("-")
+                continue
+            style = "bold" if c["significant"] else ""
+            text = f"{difference_text(c)}, p {p_text(c)}"
+            cells.append(f"[{style}]{text}[/]" if style else text)
+        table.add_row(
+            t["task"] + (" (primary)" if t["primary"] else ""),
+            metric,
+            *(interval(t["metrics"].get(label, {}).get(metric)) for label in labels),
+            *cells,
+        )
+    console.print(table)
+    for text in content["warnings"]:
+        console.print(f"[bold yellow]warning:[/] {text}", highlight=False)
+
+
+@app.command(cls=LoggedCommand)
+def promote(
+    name: Annotated[str, typer.Argument(help="The registered model, eyehub-<config name>.")],
+    version: Annotated[str, typer.Option("--version", help="The version to promote.")],
+    alias: Annotated[str, typer.Option(help="The alias to move to it.")] = "champion",
+    metric: Annotated[
+        str | None,
+        typer.Option(
+            help="The guard's metric, test/<task>/<metric> (default: the primary task's "
+            "AUROC, QWK or MAE)."
+        ),
+    ] = None,
+    margin: Annotated[
+        float, typer.Option(help="How much worse than the alias's holder it may measure.")
+    ] = 0.01,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote where the guard refuses (needs --reason).")
+    ] = False,
+    reason: Annotated[
+        str | None, typer.Option(help="Why; recorded on the version (required with --force).")
+    ] = None,
+    bootstrap: Annotated[
+        int | None,
+        typer.Option(help="Patient bootstrap resamples (default: the version's config's)."),
+    ] = None,
+) -> None:
+    """Move an alias (champion) to a registered version, behind a guard (docs/review.md).
+
+    Refused when the version is worse than the alias's current holder on the guard's metric
+    by more than --margin (point estimate on their shared test samples, paired patient
+    bootstrap reported), or was tested on other samples. Records who, when, why and the
+    comparison on the version, keeps the previous champion as @previous and writes the
+    version's model card. Exit status: 0 promoted (or already there); 4 refused, nothing
+    changed; 2 usage error.
+    """
+    from eyehub.errors import UsageError
+    from inference.promote import comparison_text
+    from inference.promote import promote as promote_version
+
+    if bootstrap is not None and bootstrap < 1:
+        raise UsageError(f"--bootstrap must be at least 1 (got {bootstrap})")
+    env = Environment.from_environ()
+    result = promote_version(
+        name,
+        version,
+        env.default_tracking_uri,
+        alias=alias,
+        metric=metric,
+        margin=margin,
+        force=force,
+        reason=reason,
+        bootstrap=bootstrap,
+        card_dir=env.home / "model_cards",
+        on_note=lambda text: err_console.print(text, highlight=False),
+    )
+    console.print(result.summary(), highlight=False)
+    if result.comparison is not None:
+        console.print(f"  {comparison_text(result.comparison)}", highlight=False)
+    for text in result.notes:
+        console.print(f"  [bold yellow]note:[/] {text}", highlight=False)
+    if result.card is not None:
+        md, html = result.card
+        console.print(f"model card: {md.resolve()} (and {html.name})", highlight=False)
+
+
+@app.command(cls=LoggedCommand)
+def card(
+    name: Annotated[str, typer.Argument(help="The registered model, eyehub-<config name>.")],
+    version: Annotated[str, typer.Option("--version", help="The registered version.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder to write it into (default: $EYEHUB_HOME/model_cards)."),
+    ] = None,
+) -> None:
+    """Write a registered version's model card (Markdown and HTML), store it with the version
+    and show it as the version's description in MLflow (docs/review.md)."""
+    from inference.card import write_model_card
+
+    env = Environment.from_environ()
+    md, html = write_model_card(
+        name, version, env.default_tracking_uri, out or env.home / "model_cards"
+    )
+    console.print(f"model card of {name} version {version}:", highlight=False)
+    console.print(f"  {md.resolve()}", highlight=False)
+    console.print(f"  {html.resolve()}", highlight=False)
+
+
+@app.command(cls=LoggedCommand)
+def ui(
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 5000,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    open_browser: Annotated[
+        bool, typer.Option("--open", help="Also open it in the default browser.")
+    ] = False,
+) -> None:
+    """MLflow's UI on the project's tracking store: runs, registered models, aliases.
+
+    Runs `mlflow server` on $MLFLOW_TRACKING_URI, else $EYEHUB_HOME/mlflow.db, until Ctrl+C.
+    """
+    from inference.ui import run_ui
+
+    env = Environment.from_environ()
+    run_ui(
+        env.default_tracking_uri,
+        env.home,
+        host=host,
+        port=port,
+        on_line=lambda text: console.print(text, highlight=False),
+        open_browser=open_browser,
+    )
+
+
 @app.command(cls=LoggedCommand)
 def demo(
     home: Annotated[

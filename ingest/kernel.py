@@ -74,4 +74,6 @@ def load_scan(
     volume = np.stack(list(oct_frames(source, info)))[info.order]
     if "PixelData" in info.header:
         del info.header.PixelData
-    return ScanPixels(info.modality, info.eye, info.axes, info.spacing_mm, volume, None, info.header)
+    return ScanPixels(
+        info.modality, info.eye, info.axes, info.spacing_mm, volume, None, info.header
+    )
