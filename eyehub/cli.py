@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from training.run import TrainSettings, TrainSummary
 
 DEMO_PATIENTS = 120  # enough for the demo model's validation and test splits
+DEMO_BASELINE_EPOCHS = 3  # the demo's short run, compared with the full one
 
 app = typer.Typer(
     name="eyehub",
@@ -284,6 +285,12 @@ def _run_train(config: TrainConfig, dataset: Path, *, settings: TrainSettings) -
             on_note=lambda text: console.print(text),
         )
     print_train_summary(config, summary)
+    from inference.card import write_model_card
+
+    cards = settings.home / "model_cards"
+    name, version = summary.model_name, summary.model_version
+    markdown, _ = write_model_card(name, version, summary.tracking_uri, cards)
+    console.print(f"model card: {markdown.resolve()} (and .html; also the version's description)")
     return summary
 
 
@@ -968,8 +975,8 @@ def demo(
         bool,
         typer.Option(
             "--train/--no-train",
-            help="End by training and registering the fundus_demo model and scoring a "
-            "held-out patient's scan with it.",
+            help="End by training two fundus_demo runs, comparing them, promoting through "
+            "the guard and scoring a held-out patient's scan with the champion.",
         ),
     ] = True,
 ) -> None:
@@ -984,7 +991,7 @@ def demo(
     cohort = root / "cohort"
     dataset = root / "dataset"
     key_path = root / "hub.key"
-    steps = 5 if train_model else 3
+    steps = 6 if train_model else 3
     console.rule(f"[bold]1/{steps} synth: a synthetic hospital export")
     _run_synth(cohort, patients=patients, seed=7, size="small", workers=None)
     console.rule(f"[bold]2/{steps} ingest: de-identify into an OME-Zarr dataset")
@@ -1010,20 +1017,26 @@ def demo(
         ray_address=None,
     )
     trained = None
+    review: dict[str, Path] = {}
     if train_model:
         from training.config import load_train_config
         from training.run import TrainSettings
 
-        console.rule("[bold]4/5 train: the fundus_demo model, tracked in MLflow and registered")
-        trained = _run_train(
-            load_train_config("fundus_demo"),
-            dataset,
-            settings=TrainSettings(home=(home or env.home), tracking_uri=env.tracking_uri),
+        train_settings = TrainSettings(home=(home or env.home), tracking_uri=env.tracking_uri)
+        console.rule(
+            f"[bold]4/{steps} train: a short baseline and the full fundus_demo run, "
+            "tracked in MLflow and registered"
         )
-    scored = None
-    if trained is not None:
-        console.rule("[bold]5/5 score: a held-out patient's scans with the champion model")
-        scored = _demo_score(root, trained, key_path, env)
+        baseline = _run_train(
+            load_train_config("fundus_demo", [f"training.epochs={DEMO_BASELINE_EPOCHS}"]),
+            dataset,
+            settings=train_settings,
+        )
+        trained = _run_train(load_train_config("fundus_demo"), dataset, settings=train_settings)
+        console.rule(f"[bold]5/{steps} review: compare the two runs, promote through the guard")
+        review = _demo_review(root, baseline, trained, home or env.home)
+        console.rule(f"[bold]6/{steps} score: a held-out patient's scan with the champion")
+        review["scored"] = _demo_score(root, trained, key_path, env)
     console.rule("[bold]done")
     console.print(f"demo outputs are under {root.resolve()}")
     console.print(f"  synthetic DICOM export: {(cohort / 'dicom').resolve()}")
@@ -1034,10 +1047,47 @@ def demo(
             f"  registered model:       models:/{trained.model_name}@candidate "
             f"(version {trained.model_version}); `eyehub ui` or MLflow at {trained.tracking_uri}"
         )
-    if scored is not None:
-        console.print(f"  held-out scan scored:   {scored} (heat map and DICOM SR beside it)")
+    if "report" in review:
+        console.print(f"  comparison report:      {review['report']}")
+        console.print(f"  champion's model card:  {review['card']} (and .html)")
+    if "scored" in review:
+        console.print(
+            f"  held-out scan scored:   {review['scored']} (heat map and DICOM SR beside it)"
+        )
         console.print(f"  serve it to clinicians: {_serve_hint(root, trained)}", highlight=False)
     console.print(f"  log of this run:        {_log_file_text()}")
+
+
+def _demo_review(
+    root: Path, baseline: TrainSummary, trained: TrainSummary, home: Path
+) -> dict[str, Path]:
+    """Compare the demo's two runs into a report, then promote each through the guard in
+    turn (the first becomes champion unguarded when there is none; the full run only if
+    the guard lets it), and write the champion's model card."""
+    import mlflow
+
+    from eyehub.errors import PromotionRefusedError
+    from inference.card import write_model_card
+    from inference.compare import compare_runs, write_report
+    from inference.promote import comparison_text, promote
+
+    name, uri = trained.model_name, trained.tracking_uri
+    cards = home / "model_cards"
+    references = [f"models:/{name}/{s.model_version}" for s in (baseline, trained)]
+    comparison = compare_runs(references, uri)
+    print_comparison(comparison.content)
+    report = write_report(comparison, root / "comparison.html")
+    for summary, why in ((baseline, "demo: the short baseline"), (trained, "demo: the full run")):
+        try:
+            result = promote(name, summary.model_version, uri, reason=why, card_dir=cards)
+            console.print(result.summary(), highlight=False)
+            if result.comparison:
+                console.print("  " + comparison_text(result.comparison), highlight=False)
+        except PromotionRefusedError as exc:
+            console.print(f"[bold yellow]guard:[/] {exc}", highlight=False)
+    champion = mlflow.MlflowClient(uri).get_model_version_by_alias(name, "champion").version
+    markdown, _ = write_model_card(name, champion, uri, cards)
+    return {"report": report.resolve(), "card": markdown.resolve()}
 
 
 def _serve_hint(root: Path, trained: TrainSummary | None) -> str:
@@ -1098,7 +1148,8 @@ def run(application: typer.Typer, args: list[str] | None = None) -> None:
     An `EyehubError` becomes one line on stderr and its exit code; any other exception
     becomes one line naming the log file that holds its traceback, exit 1. Exit codes: 0
     success; 1 unexpected error; 2 usage or configuration error; 3 the job ran but some
-    inputs were quarantined (ingest); 130 interrupted.
+    inputs were quarantined (ingest) or refused (score); 4 the promotion guard refused;
+    130 interrupted.
     """
     try:
         application(args=args)  # standalone: click prints its own usage errors and exits 2

@@ -19,6 +19,7 @@ status the scoring service answers with (`http_status`):
 | `ModelError` | a model cannot be loaded, or cannot take an input | 2 | 422 |
 | `KeyMissingError` | the hub's pseudonymisation key was not given | 2 | 500 |
 | `ServiceUnavailableError` | no model loaded yet, or a PACS unreachable or refusing | 1 | 503 |
+| `PromotionRefusedError` | the promotion guard refused; nothing changed | 4 | 409 |
 
 The 5xx statuses are the server's fault, not the request's: a missing key is a service
 misconfiguration, and a model that fails to load when the service starts leaves it
@@ -28,6 +29,8 @@ interrupted) are not errors and are in `eyehub.cli`.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class EyehubError(Exception):
@@ -103,3 +106,16 @@ class ServiceUnavailableError(EyehubError, RuntimeError):
     service eyehub depends on (a PACS) cannot be reached, refuses, or fails."""
 
     http_status = 503
+
+
+class PromotionRefusedError(EyehubError, RuntimeError):
+    """The promotion guard refused (a version measured worse than the champion, or tested
+    on other samples); nothing changed. The message says why and how to promote anyway;
+    `comparison` holds the figures."""
+
+    exit_code = 4
+    http_status = 409
+
+    def __init__(self, message: str, comparison: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.comparison = comparison

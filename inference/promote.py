@@ -38,7 +38,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eyehub.errors import DatasetError, EyehubError, NotFoundError, UsageError
+from eyehub.errors import (
+    DatasetError,
+    NotFoundError,
+    PromotionRefusedError,
+    UsageError,
+)
 from inference.compare import (
     MAIN_METRIC,
     RunRecord,
@@ -65,17 +70,6 @@ TAG_COMPARISON = "eyehub.promotion_comparison"
 TAG_FORCED = "eyehub.forced"
 TAG_FROM = "eyehub.promoted_from"
 TAG_ALIAS = "eyehub.promoted_to"
-
-
-class PromotionRefusedError(EyehubError, RuntimeError):
-    """The guard refused the promotion; nothing changed (the message says why and how to
-    promote anyway)."""
-
-    exit_code = 4
-
-    def __init__(self, message: str, comparison: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.comparison = comparison
 
 
 @dataclass
