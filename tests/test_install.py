@@ -153,6 +153,9 @@ def test_every_package_and_config_of_the_tree_is_installed(
     }
     missing = sorted(str(p) for p in packages if not (site / p / "__init__.py").is_file())
     assert not missing, f"packages left out of the install (pyproject.toml `packages`): {missing}"
+    # the scoring page and the report's style sheet are package data
+    static = sorted(p.relative_to(REPO) for p in (REPO / "inference" / "static").iterdir())
+    assert static and all((site / p).is_file() for p in static), static
 
     records = tmp_path / "modules"
     records.mkdir()
