@@ -65,6 +65,7 @@ BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 bench_ingest_ARGS ?= --patients 2
 bench_models_ARGS ?= --steps 1 --batch 4
 bench_preprocess_ARGS ?= --images 32
+bench_score_ARGS ?= --duration 20 --requests 20 --patients 24
 bench_synth_ARGS ?= --patients 200
 
 bench: install

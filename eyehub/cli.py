@@ -569,7 +569,12 @@ def score(
         ),
     ] = "models:/eyehub-fundus_demo@champion",
     out: Annotated[
-        Path | None, typer.Option("--out", help="Where results go (default: ./eyehub-scores).")
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Where results go (default: ./eyehub-scores; with --dataset a .parquet file "
+            "or a directory, default DATASET/predictions/).",
+        ),
     ] = None,
     sr: Annotated[
         bool, typer.Option("--sr", help="Also write a DICOM Structured Report per exam.")
@@ -596,6 +601,7 @@ def score(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda | auto")] = "cpu",
     workers: Annotated[int, typer.Option(help="--dataset: Ray Data scoring actors.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="--dataset: scans per model call.")] = 16,
     ray_address: Annotated[
         str | None, typer.Option(help="--dataset: Ray cluster address (default: local).")
     ] = None,
@@ -627,14 +633,23 @@ def score(
                 cache=env.home / "cache" / "models",
                 out=out,
                 workers=workers,
+                batch_size=batch_size,
                 device=device,
                 ray_address=ray_address or env.ray_address,
                 on_progress=update,
+                on_note=lambda text: console.print(text, highlight=False),
             )
+        version = f" version {summary.model_version}" if summary.model_version else ""
         console.print(
-            f"{summary.scans} scans in {summary.seconds:.1f} s: {summary.scored} scored, "
-            f"{summary.ungradable} ungradable"
+            f"{summary.model_name}{version} on {summary.device}: {summary.scans} "
+            "rows in "
+            f"{summary.seconds:.1f} s, {summary.scored} scored, {summary.ungradable} ungradable"
+            + (" (dataset prepared with the model's recipe first)" if summary.prepared else "")
         )
+        for reason, count in sorted(summary.reasons.items()):
+            console.print(f"  ungradable {count:>5}  {reason}")
+        if summary.unpaired:
+            console.print(f"  {summary.unpaired} OCT volume(s) without a linked photograph")
         console.print(f"predictions: {summary.path}")
         return
     if (pacs is None) != (study is None):

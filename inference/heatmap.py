@@ -32,12 +32,32 @@ def _sample(heatmap: np.ndarray, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
 def fundus_to_source(
     heatmap: np.ndarray, cx: float, cy: float, radius: float, height: int, width: int
 ) -> np.ndarray:
-    """A map of the prepared photograph as a (height, width) map of the source one."""
+    """A map of the prepared photograph as a (height, width) map of the source one.
+
+    The mapping is a scale and a shift, so OpenCV's affine warp does it (bilinear, zeros
+    outside, the same sampling as `_sample`) in a few milliseconds at full resolution."""
+    import cv2
+
+    size = heatmap.shape[-1]
     r = max(float(radius), 1e-6)
-    gx = (np.arange(width) + 0.5 - cx) / r
-    gy = (np.arange(height) + 0.5 - cy) / r
-    inside = (gx[None, :] ** 2 + gy[:, None] ** 2) <= 1.0  # the field of view's circle
-    return _sample(heatmap, gx, gy) * inside
+    scale = size / (2 * r)  # map pixels per source pixel
+    # source pixel centre x + 0.5 lies at normalised (x + 0.5 - cx) / r, i.e. map pixel
+    # ((x + 0.5 - cx) / r + 1) * size / 2 - 0.5
+    shift_x = (0.5 - cx) * scale + size / 2 - 0.5
+    shift_y = (0.5 - cy) * scale + size / 2 - 0.5
+    matrix = np.array([[scale, 0.0, shift_x], [0.0, scale, shift_y]], dtype=np.float64)
+    out = cv2.warpAffine(
+        np.ascontiguousarray(heatmap, dtype=np.float32),
+        matrix,
+        (width, height),
+        flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    inside = np.zeros((height, width), np.uint8)  # the field of view's circle
+    cv2.circle(inside, (round(cx - 0.5), round(cy - 0.5)), max(round(r), 1), 1, thickness=-1)
+    out *= inside
+    return out
 
 
 def _normalised_positions(n_src: int, spacing: float, extent_out: float) -> np.ndarray:

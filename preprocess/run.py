@@ -229,7 +229,7 @@ def run_preprocess(
                 num_cpus=1,
             )
             n = summary.already_done
-            for batch in prepared.iter_batches(batch_size=None):
+            for batch in prepared.iter_batches(batch_size=None, prefetch_batches=0):
                 for scan_id, tb in zip(batch["scan_id"], batch["traceback"], strict=True):
                     if tb:
                         log.error("internal error preparing scan %s:\n%s", scan_id, tb)
