@@ -87,7 +87,9 @@ def test_an_interrupted_run_resumes_where_it_stopped(dataset: Path) -> None:
     summary = run_preprocess(dataset, recipe, workers=2)
     assert summary.prepared == len(results[::2])
     after = pd.read_parquet(dataset / "prepared" / f"{rid}.parquet")
-    pd.testing.assert_frame_equal(before, after)
+    # the same rows and values; the FOV fit's float32 sums may differ in the last digits
+    # with the composition of the batch an image lands in (seen: 0.002 px)
+    pd.testing.assert_frame_equal(before, after, check_exact=False, rtol=0, atol=0.01)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
