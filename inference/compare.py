@@ -31,7 +31,6 @@ import base64
 import datetime as dt
 import html
 import importlib.resources
-import io
 import itertools
 import json
 import logging
@@ -53,8 +52,11 @@ from training.evaluate import (
     compare_models,
     delong_auroc,
     evaluate_task,
+    figure_png,
     subgroup_values,
+    unit_axes,
 )
+from training.run import flatten
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -265,20 +267,6 @@ def _tasks(config: Mapping[str, Any], test: pd.DataFrame) -> dict[str, Task]:
             spec = label_spec(str(name))
             out[str(name)] = Task(str(name), spec.kind, int(spec.classes or 0), None)
     return {name: task for name, task in out.items() if name in set(test["task"])}
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, str]:
-    """A nested config as dotted keys and JSON-encoded values (lists of mappings indexed)."""
-    out: dict[str, str] = {}
-    if isinstance(data, Mapping):
-        for k, v in data.items():
-            out.update(flatten(v, f"{prefix}{k}."))
-    elif isinstance(data, list | tuple) and data and isinstance(data[0], Mapping):
-        for i, v in enumerate(data):
-            out.update(flatten(v, f"{prefix}{i}."))
-    else:
-        out[prefix[:-1]] = data if isinstance(data, str) else json.dumps(data)
-    return out
 
 
 def config_differences(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
@@ -711,7 +699,7 @@ def _figures(
                 )
                 ax.plot(fpr, tpr, label=text)
             ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="chance")
-            _axes(ax, f"{task.name}{what}: ROC", "1 - specificity", "sensitivity")
+            unit_axes(ax, f"{task.name}{what}: ROC", "1 - specificity", "sensitivity")
 
         def reliability(ax: Axes) -> None:
             for label, found in outcome.items():
@@ -726,10 +714,12 @@ def _figures(
                 text = label + (f": ECE {iv.estimate:.3f}" if iv else "")
                 ax.plot(mean_p / counts[used], mean_y / counts[used], "o-", label=text)
             ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-            _axes(ax, f"{task.name}{what}: reliability", "predicted probability", "observed share")
+            unit_axes(
+                ax, f"{task.name}{what}: reliability", "predicted probability", "observed share"
+            )
 
-        figures["roc.png"] = _png(roc)
-        figures["reliability.png"] = _png(reliability)
+        figures["roc.png"] = figure_png(roc)
+        figures["reliability.png"] = figure_png(reliability)
     if task.kind == "regression":
 
         def scatter(ax: Axes) -> None:
@@ -751,31 +741,8 @@ def _figures(
             ax.set_ylabel("prediction")
             ax.legend(loc="upper left", fontsize="small")
 
-        figures["scatter.png"] = _png(scatter)
+        figures["scatter.png"] = figure_png(scatter)
     return figures
-
-
-def _axes(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.02)
-    ax.set_aspect("equal")
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.legend(loc="lower right", fontsize="small")
-
-
-def _png(draw: Callable[[Axes], None]) -> bytes:
-    """One figure on the Agg canvas (no pyplot, no global backend), as PNG bytes."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(5, 5), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
-    draw(figure.add_subplot())
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
 
 
 # -- a small document model, written as Markdown or self-contained HTML -------------------

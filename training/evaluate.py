@@ -945,9 +945,9 @@ def task_figures(
                     color="black",
                     label=f"threshold {data.threshold:.3f}: sens {sens:.2f}, spec {spec:.2f}",
                 )
-            _axes(ax, f"{task.name}: ROC", "1 - specificity", "sensitivity")
+            unit_axes(ax, f"{task.name}: ROC", "1 - specificity", "sensitivity")
 
-        figures[name] = _png(roc)
+        figures[name] = figure_png(roc)
     if data.kind == "binary" and events is not None and 0 < events.sum() < events.size:
         p, raw = _given(data.calibrated), _given(data.raw)
         precision, recall, _ = precision_recall_curve(events, p)
@@ -958,7 +958,7 @@ def task_figures(
             ax.axhline(
                 prevalence, linestyle=":", color="grey", label=f"prevalence {prevalence:.3f}"
             )
-            _axes(ax, f"{task.name}: precision-recall", "recall (sensitivity)", "precision")
+            unit_axes(ax, f"{task.name}: precision-recall", "recall (sensitivity)", "precision")
 
         def reliability(ax: Axes) -> None:
             for probs, text, metric in (
@@ -968,10 +968,12 @@ def task_figures(
                 centre, observed = _bin_means(probs, events, settings.ece_bins)
                 ax.plot(centre, observed, "o-", label=label(metric, f"{text}, ECE"))
             ax.plot([0, 1], [0, 1], linestyle=":", color="grey", label="perfect calibration")
-            _axes(ax, f"{task.name}: reliability", "predicted probability", "observed frequency")
+            unit_axes(
+                ax, f"{task.name}: reliability", "predicted probability", "observed frequency"
+            )
 
-        figures["pr.png"] = _png(pr)
-        figures["reliability.png"] = _png(reliability)
+        figures["pr.png"] = figure_png(pr)
+        figures["reliability.png"] = figure_png(reliability)
     if data.kind == "ordinal":
         matrix = confusion_matrix(data.y, data.predicted_grade, labels=list(range(data.classes)))
 
@@ -991,7 +993,7 @@ def task_figures(
                 title += f"\n{label('qwk', 'QWK')}"
             ax.set_title(title)
 
-        figures["confusion.png"] = _png(confusion)
+        figures["confusion.png"] = figure_png(confusion)
     if data.kind == "regression":
         value = _given(data.raw)
 
@@ -1005,7 +1007,7 @@ def task_figures(
             ax.set_title(f"{task.name}: prediction vs label")
             ax.legend(loc="upper left", fontsize="small")
 
-        figures["scatter.png"] = _png(scatter)
+        figures["scatter.png"] = figure_png(scatter)
     return figures
 
 
@@ -1018,7 +1020,7 @@ def _bin_means(p: np.ndarray, y: np.ndarray, bins: int) -> tuple[np.ndarray, np.
     return mean_p, mean_y
 
 
-def _axes(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+def unit_axes(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.02)
     ax.set_aspect("equal")
@@ -1028,7 +1030,7 @@ def _axes(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
     ax.legend(loc="lower right", fontsize="small")
 
 
-def _png(draw: Callable[[Axes], None]) -> bytes:
+def figure_png(draw: Callable[[Axes], None]) -> bytes:
     """One figure drawn on the Agg canvas (no pyplot, no global backend) as PNG bytes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
