@@ -371,10 +371,18 @@ def ingest(
     key_file: Annotated[
         Path | None, typer.Option(help="Hub secret key (default: $EYEHUB_KEY_FILE).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Files converted at once (Ray tasks).")] = 2,
+    workers: Annotated[int, typer.Option(help="Files converted at once.")] = 2,
     ray_address: Annotated[
-        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else local).")
+        str | None,
+        typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else this machine)."),
     ] = None,
+    executor: Annotated[
+        str,
+        typer.Option(
+            help="auto: Ray with a cluster address, else worker processes on this machine "
+            "(no Ray start-up); local or ray to choose."
+        ),
+    ] = "auto",
     max_decoded_bytes: Annotated[
         str, typer.Option(help="Quarantine scans whose decoded size exceeds this (e.g. 4GiB).")
     ] = "4GiB",
@@ -384,14 +392,18 @@ def ingest(
     Exit status: 0 every input converted or already present; 3 some inputs quarantined
     (see quarantine.parquet); 2 usage error (bad arguments, missing key).
     """
+    from eyehub.errors import UsageError
     from ingest import IngestSettings, load_key, parse_size
 
     env = Environment.from_environ()
     key = load_key(key_file or env.key_file)
+    if executor not in ("auto", "local", "ray"):
+        raise UsageError(f"--executor must be auto, local or ray (got {executor!r})")
     settings = IngestSettings(
         workers=workers,
         max_decoded_bytes=parse_size(max_decoded_bytes),
         ray_address=ray_address or env.ray_address,
+        executor=executor,  # type: ignore[arg-type]
     )
     summary = _run_ingest(sources, out, key=key, labels=labels, settings=settings)
     if summary.quarantined_total:

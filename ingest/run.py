@@ -1,9 +1,10 @@
-"""Drive an ingest over Ray: walk the sources, one task per small batch of files.
+"""Drive an ingest: walk the sources, hand the files to an executor, record outcomes.
 
-Local Ray by default (`ray.init(num_cpus=workers)`); `--ray-address` / `RAY_ADDRESS` sends
-the same tasks to a cluster. At most `2 x workers` batches are in flight, so memory stays
-bounded whatever the cohort size. The driver records outcomes, keeps a source index so a
-rerun skips unchanged files without reading them, and rebuilds the catalog and quarantine
+Without a cluster address the files are converted by worker processes on this machine
+(`ingest.executor.LocalExecutor`: no Ray start-up); `--ray-address` / `RAY_ADDRESS` (or
+`executor="ray"`) sends the same task function to Ray. Files go largest first, so the
+workers finish together. The driver records outcomes, keeps a source index so a rerun
+skips unchanged files without reading them, and rebuilds the catalog and quarantine
 tables from the store at the end (also after an interrupted run).
 """
 
@@ -17,7 +18,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ByteSize, TypeAdapter, ValidationError
 
@@ -34,7 +35,7 @@ from ingest.catalog import (
     record_quarantine,
     save_labels,
 )
-from ingest.convert import convert_batch
+from ingest.executor import ExecutorStats, LocalExecutor, RayExecutor
 from ingest.kernel import DEFAULT_MAX_DECODED_BYTES
 from ingest.keys import HubKey
 from ingest.labels import read_labels
@@ -49,8 +50,17 @@ class IngestSettings(Settings):
     workers: int = 2
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     ray_address: str | None = None
-    batch_files: int = 4
+    # auto: Ray when a cluster address is given, else worker processes on this machine
+    executor: Literal["auto", "local", "ray"] = "auto"
+    # a local worker above this resident size after a file is replaced by a fresh one
+    max_worker_rss: int = 4 * 2**30
+    batch_files: int = 4  # Ray: files per task
     batch_bytes: int = 64 * 2**20
+
+    def executor_kind(self) -> str:
+        if self.executor != "auto":
+            return self.executor
+        return "ray" if self.ray_address else "local"
 
 
 @dataclass
@@ -64,6 +74,8 @@ class IngestSummary:
     decoded_bytes: int = 0
     catalog_rows: int = 0
     nodes: set[str] = field(default_factory=set)  # Ray nodes that converted files
+    executor: str = ""  # local | ray (empty when nothing needed converting)
+    stats: ExecutorStats = field(default_factory=ExecutorStats)
 
     @property
     def quarantined_total(self) -> int:
@@ -124,34 +136,6 @@ def _save_index(dataset: Path, index: dict[str, dict[str, Any]]) -> None:
     write_text_atomic(dataset / STATE / SOURCE_INDEX, json.dumps(index))
 
 
-def _batches(files: list[Path], settings: IngestSettings) -> list[list[str]]:
-    out: list[list[str]] = []
-    current: list[str] = []
-    size = 0
-    for f in files:
-        fsize = f.stat().st_size
-        if current and (
-            len(current) >= settings.batch_files or size + fsize > settings.batch_bytes
-        ):
-            out.append(current)
-            current, size = [], 0
-        current.append(str(f))
-        size += fsize
-    if current:
-        out.append(current)
-    return out
-
-
-def _convert_batch_task(
-    paths: list[str], dataset: str, secret: bytes, max_decoded_bytes: int
-) -> tuple[str, list[dict[str, Any]]]:
-    """The Ray task: the plain kernel, plus which node ran it."""
-    import ray
-
-    node = ray.get_runtime_context().get_node_id()
-    return node, convert_batch(paths, dataset, secret, max_decoded_bytes)
-
-
 def run_ingest(
     sources: list[Path],
     dataset: Path,
@@ -202,50 +186,47 @@ def run_ingest(
         on_progress(done)
 
     if todo:
-        import ray
-
-        started = start_ray(settings.workers, settings.ray_address)
+        todo.sort(key=lambda f: -f.stat().st_size)  # largest first: the workers end together
+        kind = settings.executor_kind()
+        summary.executor = kind
+        started_ray = False
+        executor: LocalExecutor | RayExecutor
+        if kind == "ray":
+            started_ray = start_ray(settings.workers, settings.ray_address)
+            executor = RayExecutor(
+                settings.workers,
+                dataset,
+                key.secret,
+                settings.max_decoded_bytes,
+                settings.batch_files,
+                settings.batch_bytes,
+            )
+        else:
+            executor = LocalExecutor(
+                settings.workers,
+                dataset,
+                key.secret,
+                settings.max_decoded_bytes,
+                settings.max_worker_rss,
+            )
+        summary.stats = executor.stats
+        last_save = time.monotonic()
         try:
-            remote = ray.remote(num_cpus=1, max_retries=1)(_convert_batch_task)
-            pending: dict[Any, list[str]] = {}
-            queue = _batches(todo, settings)
-            last_save = time.monotonic()
-            while queue or pending:
-                while queue and len(pending) < 2 * settings.workers:
-                    batch = queue.pop(0)
-                    ref = remote.remote(batch, str(dataset), key.secret, settings.max_decoded_bytes)
-                    pending[ref] = batch
-                ready, _ = ray.wait(list(pending), num_returns=1)
-                for ref in ready:
-                    batch = pending.pop(ref)
-                    try:
-                        node, results = ray.get(ref)
-                        summary.nodes.add(node)
-                    except Exception as exc:  # a worker died (e.g. killed for memory)
-                        results = [
-                            {
-                                "path": p,
-                                "outcome": "quarantined",
-                                "reason": "worker_lost",
-                                "detail": f"the worker converting it died "
-                                f"({type(exc).__name__}); run the ingest again, with fewer "
-                                "--workers if it was killed for memory.",
-                                "sha256": None,
-                            }
-                            for p in batch
-                        ]
-                    for res in results:
-                        _account(dataset, res, summary, index)
-                    done += len(results)
-                    if on_progress:
-                        on_progress(done)
+            for result in executor.run([str(f) for f in todo]):
+                _account(dataset, result, summary, index)
+                done += 1
+                if on_progress:
+                    on_progress(done)
                 if time.monotonic() - last_save > 5:
                     _save_index(dataset, index)
                     last_save = time.monotonic()
         finally:
             _save_index(dataset, index)
-            if started:
+            if started_ray:
+                import ray
+
                 ray.shutdown()
+        summary.nodes = executor.stats.nodes
     _save_index(dataset, index)
     clean_staging(dataset)
     summary.catalog_rows = len(rebuild_catalog(dataset))

@@ -109,7 +109,7 @@ def test_rays_lines_go_to_the_log_file_under_eyehub_home(
     logged = pipeline["ingest"][1] + pipeline["preprocess"][1]
     missing = [f"{line!r} ({what})" for line, what in RAY_LINES.items() if line not in logged]
     assert not missing, f"not in the log files: {missing}"
-    assert "Started a local Ray instance" in pipeline["ingest"][1]
+    assert "Started a local Ray instance" in pipeline["preprocess"][1]
 
 
 @pytest.mark.slow

@@ -169,3 +169,25 @@ def make_all(folder: Path) -> dict[str, Path]:
 
 
 TOO_LARGE_LIMIT = 600 * 800 * 3 - 1  # bytes: the big fundus declares 600*800*3
+
+
+def big_oct(path: Path, frames: int = 256, rows: int = 512, cols: int = 1024, n: int = 7) -> int:
+    """A native OPT of random speckle, large enough to take a worker about a second
+    (and to show its memory stays far below the volume); returns the decoded bytes."""
+    vol = np.random.default_rng(n).integers(0, 255, size=(frames, rows, cols), dtype=np.uint8)
+    ds = dicom_io.build_oct_opt(
+        study(n),
+        vol,
+        "R",
+        ExplicitVRLittleEndian,
+        uid_for(98, "big-oct", n),
+        uid_for(98, "big-oseries", n),
+        uid_for(98, "big-for", n),
+        dt.datetime(2021, 5, 6, 11, 0),
+        OctSpacing(0.05, 0.004, 0.01),
+        None,
+        0.01,
+        list(range(frames)),
+    )
+    dicom_io.write(ds, path)
+    return int(vol.nbytes)

@@ -119,7 +119,12 @@ def test_burned_in_text_is_cleared_and_the_retina_kept(
         assert stored[:, d > float(r["fov_radius"]) + 5].max() == 0
         original = np.moveaxis(ds.pixel_array, -1, 0)
         inside = d < float(r["fov_radius"]) - 2
-        assert np.abs(stored[:, inside].astype(int) - original[:, inside]).max() <= 1
+        # lossless: every retinal pixel as stored. Lossy JPEG: libjpeg-turbo's IDCT and
+        # chroma upsampling differ from pydicom's default decoder by a few grey levels,
+        # within what the JPEG standard leaves to decoders (docs/ingest.md)
+        lossy = str(ds.get("LossyImageCompression", "00")) == "01"
+        difference = np.abs(stored[:, inside].astype(int) - original[:, inside]).max()
+        assert difference <= (8 if lossy else 0), (r["path"], difference)
 
 
 def test_labels_join_by_pseudonymised_mrn_eye_and_shifted_date(

@@ -54,8 +54,9 @@ def test_rerun_converts_nothing_and_new_files_are_converted_alone(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
 def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(
-    tmp_path: Path, hub_key: HubKey, key_file: Path
+    executor: str, tmp_path: Path, hub_key: HubKey, key_file: Path
 ) -> None:
     src = tmp_path / "src"
     generate_cohort(src, patients=10, seed=33, workers=2)
@@ -79,6 +80,8 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(
             str(key_file),
             "--workers",
             "1",
+            "--executor",
+            executor,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -92,7 +95,7 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(
         if seen >= 6:
             break
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver, its Ray workers and raylet at once
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers (and raylet) at once
     proc.wait()
     assert 0 < seen < total, "the run must be killed part-way"
 
