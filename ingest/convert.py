@@ -17,11 +17,11 @@ from typing import Any
 
 from eyehub.errors import InputError
 from eyehub.failures import internal_traceback
-from ingest.catalog import CatalogRow
 from ingest.deid import deidentify
 from ingest.kernel import fundus_pixels, oct_frames, oct_shape
 from ingest.keys import HubKey
 from ingest.reader import DirectoryRecord, classify, inspect_scan, read_header
+from ingest.row import CatalogRow
 from ingest.store import read_scan_attributes, scan_path, write_scan, write_scan_frames
 
 log = logging.getLogger(__name__)

@@ -144,11 +144,13 @@ class ExecutorStats:
     peak_worker_rss: int = 0  # the largest RSS a worker reported after a file
     peak_file_growth: int = 0  # the most one file raised its worker's RSS
     first_file_started: float | None = None  # time.time() when a worker began the first file
+    converting_seconds: float = 0.0  # summed over files: the workers' own time on them
     nodes: set[str] = field(default_factory=set)
 
     def record(self, result: dict[str, Any]) -> None:
         self.peak_worker_rss = max(self.peak_worker_rss, int(result.pop("rss", 0)))
         self.peak_file_growth = max(self.peak_file_growth, int(result.pop("rss_growth", 0)))
+        self.converting_seconds += float(result.pop("seconds", 0.0))
         started = result.pop("started", None)
         if started is not None and (
             self.first_file_started is None or started < self.first_file_started
@@ -299,6 +301,7 @@ def _convert_batch_task(
     results = convert_batch(paths, dataset, secret, max_decoded_bytes)
     if results:
         results[0]["started"] = started
+        results[0]["seconds"] = time.time() - started
     return node, results
 
 
