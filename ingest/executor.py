@@ -33,7 +33,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ingest.run import IngestSettings
 
 log = logging.getLogger(__name__)
 
@@ -175,16 +178,9 @@ def _context() -> Any:
 class LocalExecutor:
     """`workers` processes on this machine, each given one file at a time."""
 
-    def __init__(
-        self,
-        workers: int,
-        dataset: Path,
-        secret: bytes,
-        max_decoded_bytes: int,
-        max_worker_rss: int,
-    ) -> None:
-        self.workers = workers
-        self.args = (str(dataset), secret, max_decoded_bytes, max_worker_rss)
+    def __init__(self, dataset: Path, secret: bytes, settings: IngestSettings) -> None:
+        self.workers = settings.workers
+        self.args = (str(dataset), secret, settings.max_decoded_bytes, settings.max_worker_rss)
         self.stats = ExecutorStats()
         self._ctx = _context()
         self._slots: list[_Slot] = []
@@ -309,19 +305,11 @@ class RayExecutor:
     """Ray tasks of a few files each (amortising the per-task cost on small files), at
     most `2 x workers` in flight so memory stays bounded whatever the cohort size."""
 
-    def __init__(
-        self,
-        workers: int,
-        dataset: Path,
-        secret: bytes,
-        max_decoded_bytes: int,
-        batch_files: int,
-        batch_bytes: int,
-    ) -> None:
-        self.workers = workers
-        self.args = (str(dataset), secret, max_decoded_bytes)
-        self.batch_files = batch_files
-        self.batch_bytes = batch_bytes
+    def __init__(self, dataset: Path, secret: bytes, settings: IngestSettings) -> None:
+        self.workers = settings.workers
+        self.args = (str(dataset), secret, settings.max_decoded_bytes)
+        self.batch_files = settings.batch_files
+        self.batch_bytes = settings.batch_bytes
         self.stats = ExecutorStats()
 
     def batches(self, paths: list[str]) -> list[list[str]]:

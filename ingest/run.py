@@ -197,22 +197,9 @@ def run_ingest(
         executor: LocalExecutor | RayExecutor
         if kind == "ray":
             started_ray = start_ray(settings.workers, settings.ray_address)
-            executor = RayExecutor(
-                settings.workers,
-                dataset,
-                key.secret,
-                settings.max_decoded_bytes,
-                settings.batch_files,
-                settings.batch_bytes,
-            )
+            executor = RayExecutor(dataset, key.secret, settings)
         else:
-            executor = LocalExecutor(
-                settings.workers,
-                dataset,
-                key.secret,
-                settings.max_decoded_bytes,
-                settings.max_worker_rss,
-            )
+            executor = LocalExecutor(dataset, key.secret, settings)
         summary.stats = executor.stats
         last_save = time.monotonic()
         converting = time.perf_counter()

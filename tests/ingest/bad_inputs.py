@@ -60,21 +60,28 @@ def good_fundus(path: Path, ts: str = ExplicitVRLittleEndian, n: int = 0) -> pyd
     return ds
 
 
-def good_oct(path: Path, ts: str = ExplicitVRLittleEndian, n: int = 0) -> pydicom.Dataset:
-    vol = np.random.default_rng(n).integers(0, 255, size=(6, 40, 36), dtype=np.uint8)
+def good_oct(
+    path: Path,
+    ts: str = ExplicitVRLittleEndian,
+    n: int = 0,
+    shape: tuple[int, int, int] = (6, 40, 36),
+    name: str = "oct",
+) -> pydicom.Dataset:
+    """An OPT of random speckle written by the synth builder, frames stored in reverse."""
+    vol = np.random.default_rng(n).integers(0, 255, size=shape, dtype=np.uint8)
     ds = dicom_io.build_oct_opt(
         study(),
         vol,
         "L",
         ts,
-        uid_for(99, "oct", n),
-        uid_for(99, "oseries", n),
-        uid_for(99, "for", n),
+        uid_for(99, name, n),
+        uid_for(99, name, "series", n),
+        uid_for(99, name, "for", n),
         dt.datetime(2021, 5, 6, 10, 10),
         OctSpacing(0.2, 0.01, 0.05),
         None,
         0.05,
-        [5, 4, 3, 2, 1, 0],
+        list(range(shape[0]))[::-1],
     )
     dicom_io.write(ds, path)
     return ds
@@ -172,22 +179,7 @@ TOO_LARGE_LIMIT = 600 * 800 * 3 - 1  # bytes: the big fundus declares 600*800*3
 
 
 def big_oct(path: Path, frames: int = 256, rows: int = 512, cols: int = 1024, n: int = 7) -> int:
-    """A native OPT of random speckle, large enough to take a worker about a second
-    (and to show its memory stays far below the volume); returns the decoded bytes."""
-    vol = np.random.default_rng(n).integers(0, 255, size=(frames, rows, cols), dtype=np.uint8)
-    ds = dicom_io.build_oct_opt(
-        study(n),
-        vol,
-        "R",
-        ExplicitVRLittleEndian,
-        uid_for(98, "big-oct", n),
-        uid_for(98, "big-oseries", n),
-        uid_for(98, "big-for", n),
-        dt.datetime(2021, 5, 6, 11, 0),
-        OctSpacing(0.05, 0.004, 0.01),
-        None,
-        0.01,
-        list(range(frames)),
-    )
-    dicom_io.write(ds, path)
-    return int(vol.nbytes)
+    """A native OPT large enough to take a worker about a second (and to show its memory
+    stays far below the volume); returns the decoded bytes."""
+    good_oct(path, n=n, shape=(frames, rows, cols), name="big-oct")
+    return frames * rows * cols
