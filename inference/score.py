@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ from inference.heatmap import (
 from inference.registry import LoadedModel
 from ingest.kernel import DEFAULT_MAX_DECODED_BYTES, ScanPixels, load_scan
 from ingest.keys import HubKey
-from models.explain import explain
+from models.explain import explain, private_copy
 from models.model import model_inputs
 from preprocess.kernel import PreparedScan, prepare_scans
 
@@ -271,6 +272,10 @@ class Scorer:
         self.explain_task = explain_task or self._default_explain_task()
         model.task(self.explain_task)  # an unknown task is a ConfigError now, not later
         self.shown_tasks = [t for t in model.tasks if not label_spec(t.name).control]
+        # per thread, a private copy of the network for Grad-CAM: the model's weights never
+        # change here, so it is made once instead of at every heat map (65 ms of 180 for
+        # DenseNet121 on 2 cores)
+        self._explaining = threading.local()
 
     def _default_explain_task(self) -> str:
         model = self.loaded.model
@@ -423,7 +428,10 @@ class Scorer:
     def _heatmap(self, image: ImageResult, inputs: dict[str, torch.Tensor]) -> None:
         model = self.loaded.model
         modality = image.scan.modality
-        (exp,) = explain(model, inputs, self.explain_task, modality)
+        net = getattr(self._explaining, "net", None)
+        if net is None:
+            net = self._explaining.net = private_copy(model.net)
+        (exp,) = explain(model, inputs, self.explain_task, modality, net=net)
         image.heatmap_task = self.explain_task
         px = image.scan.pixels
         if modality == "fundus":

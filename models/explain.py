@@ -7,10 +7,11 @@ scaled so its maximum is 1 (0 stays "no evidence"; MONAI's default normaliser wo
 the scale).
 
 Grad-CAM hooks, gradients and the switch to eval mode happen on a private copy of the
-network made for each call, never on `model.net`: predictions and other explanations may
-use the model from other threads meanwhile. On 2 CPU cores the copy takes about 65 ms
-for DenseNet121 (explaining one 224-px image, copy included: about 330 ms) and 190 ms
-for ViT-B/16 (1.4 s).
+network, never on `model.net`: predictions and other explanations may use the model from
+other threads meanwhile. On 2 CPU cores the copy takes about 65 ms for DenseNet121
+(explaining one 224-px image, copy included: about 330 ms) and 190 ms for ViT-B/16
+(1.4 s), so a caller whose weights never change (scoring) makes one per thread and passes
+it in; otherwise each call makes its own.
 """
 
 from __future__ import annotations
@@ -89,17 +90,29 @@ class _TaskScore(nn.Module):
 def _gradcam(score: _TaskScore, layer: str, x: torch.Tensor) -> torch.Tensor:
     from monai.visualize import GradCAM  # imported with MONAI's weight (models/networks.py)
 
+    # MONAI puts the module back in the mode it found it in: a new nn.Module is in training
+    # mode, which would leave the private network training (batch-norm statistics moving)
+    # for the next sample's attention pass or the next call
+    score.eval()
     with _hooks_removed_after(score), torch.enable_grad():
         cam = GradCAM(score, target_layers="net." + layer, postprocessing=_scale_to_max)
         return cam(x, class_idx=0).detach()
 
 
 def explain(
-    model: EyeModel, inputs: Mapping[str, torch.Tensor], task: str, image: str | None = None
+    model: EyeModel,
+    inputs: Mapping[str, torch.Tensor],
+    task: str,
+    image: str | None = None,
+    net: EyeNet | None = None,
 ) -> list[Explanation]:
     """One explanation per sample of `inputs` (the network's inputs, as `model_inputs`
     gives them) for `task`, on `image` (fundus or oct; by default the model's only one,
-    or fundus for fusion). `model.net` is only read (copied)."""
+    or fundus for fusion). `model.net` is only read (copied).
+
+    `net`: a copy made by `private_copy(model.net)`, reused instead of a fresh copy. Only
+    for a model whose weights never change (scoring keeps one per thread), and never
+    shared between threads."""
     spec = model.task(task)
     layers = model.net.gradcam_layers()
     image = image or ("fundus" if "fundus" in layers else "oct")
@@ -108,12 +121,15 @@ def explain(
     if image not in inputs:
         raise ModelError(f"explain needs the {image} input")
     model.net.check_inputs(**inputs)
-    net = _private_copy(model.net)
+    private = net if net is not None else private_copy(model.net)
     samples = [{k: v[i : i + 1] for k, v in inputs.items()} for i in range(len(inputs[image]))]
-    return [_explain_one(net, spec, image, layers[image], one) for one in samples]
+    try:
+        return [_explain_one(private, spec, image, layers[image], one) for one in samples]
+    finally:
+        private.zero_grad(set_to_none=True)  # a reused copy keeps no gradient buffers
 
 
-def _private_copy(net: EyeNet) -> EyeNet:
+def private_copy(net: EyeNet) -> EyeNet:
     """A copy of `net` in eval mode, to hook and differentiate without touching `net`.
 
     Made per call rather than cached per thread: a cached copy would have to be refreshed

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.explain import Explanation, explain
+from models.explain import Explanation, explain, private_copy
 from models.model import EyeModel, ModelSpec, model_inputs
 from preprocess.recipe import FundusRecipe, OctRecipe, Recipe
 
@@ -132,3 +132,22 @@ def test_predict_and_explain_from_four_threads_at_once(mode: str) -> None:
     assert [n for n, p in model.net.named_parameters() if p.grad is not None] == []
     after = model.net.state_dict()
     assert [k for k, v in weights.items() if not torch.equal(v, after[k])] == []
+
+
+def test_a_reused_private_copy_explains_as_a_fresh_copy_does() -> None:
+    """Scoring keeps one copy per thread: call after call it gives what a fresh copy
+    gives, and carries no hooks or gradients from one call to the next."""
+    model, x = _model_and_inputs()
+    copy = private_copy(model.net)
+    statistics = {k: v.clone() for k, v in copy.state_dict().items()}
+    for image, task in (("fundus", "dr_grade"), ("oct", "glaucoma"), ("fundus", "glaucoma")):
+        fresh = explain(model, x, task, image=image)
+        for _ in range(2):
+            assert _same_explanations(explain(model, x, task, image=image, net=copy), fresh)
+            assert _hooks(copy) == 0
+            assert [n for n, p in copy.named_parameters() if p.grad is not None] == []
+            # still in eval mode: batch-norm statistics never move (the second sample's
+            # attention pass once ran in training mode, after the first sample's Grad-CAM)
+            assert {m.training for m in copy.modules()} == {False}
+            after = copy.state_dict()
+            assert [k for k, v in statistics.items() if not torch.equal(v, after[k])] == []
