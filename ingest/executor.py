@@ -214,12 +214,12 @@ class LocalExecutor:
         try:
             self._slots = [self._start() for _ in range(min(self.workers, len(paths)))]
             while queue or any(s.path is not None for s in self._slots):
-                for slot in self._slots:
+                for index, slot in enumerate(self._slots):
                     if slot.path is None and queue:
-                        slot.path = queue.popleft()
-                        # a worker that died idle is seen below, through its sentinel
-                        with contextlib.suppress(BrokenPipeError, OSError):
-                            slot.conn.send(slot.path)
+                        if not slot.process.is_alive():  # died idle: no file is charged
+                            slot.conn.close()
+                            slot = self._slots[index] = self._start()
+                        self._assign(slot, queue.popleft())
                 busy = [s for s in self._slots if s.path is not None]
                 waitables: list[Any] = [s.conn for s in busy] + [s.process.sentinel for s in busy]
                 ready = set(wait(waitables))
@@ -246,14 +246,21 @@ class LocalExecutor:
                     cause = f"signal {-code}" if code is not None and code < 0 else f"exit {code}"
                     log.warning("an ingest worker died (%s) while converting %s", cause, path)
                     slot.conn.close()
-                    self._slots[index] = self._start()
+                    fresh = self._slots[index] = self._start()
                     attempts[path] = attempts.get(path, 0) + 1
                     if attempts[path] < 2:
-                        queue.appendleft(path)  # once more, on the fresh worker
+                        self._assign(fresh, path)  # once more, on this fresh worker
                     else:
                         yield worker_lost(path, cause)
         finally:
             self.close()
+
+    @staticmethod
+    def _assign(slot: _Slot, path: str) -> None:
+        slot.path = path
+        # a worker that dies before reading it is seen through its sentinel
+        with contextlib.suppress(BrokenPipeError, OSError):
+            slot.conn.send(path)
 
     def _receive(self, slot: _Slot) -> dict[str, Any] | None:
         """The finished file's result, or None when the worker died before sending one."""

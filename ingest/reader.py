@@ -990,10 +990,18 @@ _TURBO_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
 _TURBO_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
 
 
+class _TurboRefused(Exception):
+    """libjpeg-turbo did not decode a frame that passed the stream check."""
+
+
 def _turbo_decoder(ds: Dataset) -> Callable[[bytes], np.ndarray] | None:
     """A per-frame decoder through libjpeg-turbo where it applies (8-bit JPEG, grey or
     YCbCr), else None (pydicom's plugins decode)."""
-    if _transfer_syntax(ds) not in _TURBO_SYNTAXES or int(ds.get("BitsAllocated", 0)) != 8:
+    if (
+        _transfer_syntax(ds) not in _TURBO_SYNTAXES
+        or int(ds.get("BitsAllocated", 0)) != 8
+        or int(ds.get("PixelRepresentation", 0) or 0) != 0  # signed: pydicom's int8
+    ):
         return None
     samples = _TURBO_PHOTOMETRIC.get(str(ds.get("PhotometricInterpretation", "")))
     if samples is None or int(ds.get("SamplesPerPixel", 1) or 1) != samples:
@@ -1006,7 +1014,7 @@ def _turbo_decoder(ds: Dataset) -> Callable[[bytes], np.ndarray] | None:
     def decode(frame: bytes) -> np.ndarray:
         pixels = cv2.imdecode(np.frombuffer(frame, np.uint8), mode)
         if pixels is None or pixels.shape[:2] != (rows, cols):
-            raise _fail("corrupt_pixel_data", "a JPEG frame cannot be decoded; export it again.")
+            raise _TurboRefused
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB) if samples == 3 else pixels
 
     return decode
@@ -1023,11 +1031,24 @@ def _decode(ds: Dataset) -> np.ndarray:
     if turbo is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            frames = [turbo(f) for f in _checked_frames(ds, _frame_buffers(ds, data))]
-        return frames[0] if len(frames) == 1 else np.stack(frames)
+            try:
+                frames = [turbo(f) for f in _checked_frames(ds, _frame_buffers(ds, data))]
+            except _TurboRefused:  # a valid stream it does not take (a DNL marker): pydicom's
+                return _decode_with_pydicom(ds, ts, photometric)
+        expected = int(ds.get("NumberOfFrames", 1) or 1)
+        if len(frames) < expected:  # pydicom's pixel_array refuses these too
+            raise _fail(
+                "corrupt_pixel_data",
+                f"the file holds {len(frames)} of its {expected} frames; export it again.",
+            )
+        return frames[0] if expected == 1 else np.stack(frames[:expected])
     if ts in _FRAME_CHECKS:
         for _ in _checked_frames(ds, _frame_buffers(ds, data)):
             pass
+    return _decode_with_pydicom(ds, ts, photometric)
+
+
+def _decode_with_pydicom(ds: Dataset, ts: UID, photometric: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -257,12 +257,14 @@ def _expected_work(path: Path) -> float:
             head = fh.read(1024)
     except OSError:
         return 0.0
-    for uid, factor in _WORK_PER_BYTE.items():
-        at = head.find(uid)
-        # the UID itself, not a longer one it begins (".4.90" is not ".4.901")
-        if at >= 0 and head[at + len(uid) : at + len(uid) + 1] in (b"\0", b" ", b""):
-            return size * factor
-    return float(size)
+    # (0002,0010) Transfer Syntax UID; the file meta group is explicit VR little endian.
+    # An even-length UID has no padding: the next element's tag follows it directly.
+    at = head.find(b"\x02\x00\x10\x00UI")
+    if at < 0:
+        return float(size)
+    length = int.from_bytes(head[at + 6 : at + 8], "little")
+    uid = head[at + 8 : at + 8 + length].rstrip(b"\0 ")
+    return size * _WORK_PER_BYTE.get(uid, 1.0)
 
 
 def _account(

@@ -30,15 +30,16 @@ from tests.ingest.bad_inputs import big_oct
 class _Killer(threading.Thread):
     """SIGKILLs every descendant process of this test that has `victim` open."""
 
-    def __init__(self, victim: Path) -> None:
+    def __init__(self, victim: Path, most: int = 1000) -> None:
         super().__init__(daemon=True)
         self.victim = str(victim)
         self.kills = 0
+        self.most = most
         self.running = True
 
     def run(self) -> None:
         me = psutil.Process()
-        while self.running:
+        while self.running and self.kills < self.most:
             for proc in me.children(recursive=True):
                 try:
                     if any(f.path == self.victim for f in proc.open_files()):
@@ -103,6 +104,29 @@ def test_a_worker_killed_mid_file_loses_only_that_file(
     assert len(pd.read_parquet(dataset / "catalog.parquet")) == total
     # memory stayed bounded: the large volume streamed through its worker frame by frame
     assert 0 < rerun.stats.peak_file_growth < decoded / 2, (rerun.stats.peak_file_growth, decoded)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("executor", ["local", "ray"])
+def test_a_file_whose_worker_died_once_is_converted_by_a_fresh_one(
+    executor: str, sources: tuple[Path, Path, int], hub_key: HubKey, tmp_path: Path
+) -> None:
+    folder, victim, _ = sources
+    total = sum(1 for p in folder.rglob("*") if p.is_file())
+    killer = _Killer(victim, most=1)
+    killer.start()
+    try:
+        summary = run_ingest(
+            [folder],
+            tmp_path / "ds",
+            hub_key,
+            settings=IngestSettings(executor=executor),  # type: ignore[arg-type]
+        )
+    finally:
+        killer.stop()
+    assert killer.kills == 1
+    assert (summary.converted + summary.present, summary.quarantined_total) == (total, 0)
+    assert len(pd.read_parquet(tmp_path / "ds" / "catalog.parquet")) == total
 
 
 @pytest.mark.slow

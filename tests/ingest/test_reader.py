@@ -211,3 +211,42 @@ def test_grey_secondary_capture_is_not_a_fundus(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="not a colour fundus export") as info:
         classify(ds)
     assert getattr(info.value, "reason", None) == "not_ophthalmic"
+
+
+def test_a_jpeg_photograph_with_fewer_frames_than_declared_is_corrupt(tmp_path: Path) -> None:
+    """libjpeg-turbo decodes frame by frame: a missing frame is refused, never stored as
+    the first row of the image."""
+    from eyehub.errors import InputError
+
+    ds = dicom_io.build_fundus_op(
+        study(), _fundus(), "L", JPEGBaseline8Bit, uid_for(5), uid_for(6),
+        dt.datetime(2021, 1, 1), 0.05, 45.0,
+    )  # fmt: skip
+    ds.NumberOfFrames = 2
+    dicom_io.write(ds, tmp_path / "f")
+    with pytest.raises(InputError) as refused:
+        read_scan(tmp_path / "f")
+    assert refused.value.reason == "corrupt_pixel_data"
+
+
+def test_the_longest_files_go_first(tmp_path: Path) -> None:
+    """A JPEG 2000 volume is decoded at a tenth of the speed native pixels are written:
+    it goes before a larger uncompressed file, so no worker is left with it at the end."""
+    from ingest.run import _expected_work
+
+    vol = np.random.default_rng(0).integers(0, 255, size=(4, 64, 64), dtype=np.uint8)
+    sizes = {}
+    for name, ts in (("native", ExplicitVRLittleEndian), ("j2k", JPEG2000Lossless),
+                     ("jls", JPEGLSLossless), ("rle", RLELossless)):  # fmt: skip
+        ds = dicom_io.build_oct_opt(
+            study(), vol, "R", ts, uid_for(7, name), uid_for(8, name), uid_for(9, name),
+            dt.datetime(2021, 1, 1), OctSpacing(0.1, 0.01, 0.02), None, 0.02, [0, 1, 2, 3],
+        )  # fmt: skip
+        dicom_io.write(ds, tmp_path / name)
+        sizes[name] = (tmp_path / name).stat().st_size
+    work = {name: _expected_work(tmp_path / name) for name in sizes}
+    assert work["native"] == sizes["native"]
+    assert work["j2k"] == 12.0 * sizes["j2k"]
+    assert work["jls"] == 3.0 * sizes["jls"] and work["rle"] == 1.5 * sizes["rle"]
+    (tmp_path / "text").write_text("not DICOM")
+    assert _expected_work(tmp_path / "text") == 9.0
