@@ -285,41 +285,6 @@ def _model_files(model: EyeModel) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _ensure_prepared(
-    dataset: Path,
-    model: EyeModel,
-    catalog: pd.DataFrame,
-    device: str,
-    workers: int,
-    ray_address: str | None,
-    batch_size: int,
-    note: Callable[[str], None],
-    on_prepare_progress: Callable[[int, int], None] | None,
-) -> tuple[pd.DataFrame, bool]:
-    """The prepared index for the model's recipe, preparing the dataset first when the
-    index is missing or lacks scans of the catalog; and whether it was prepared now."""
-    from preprocess.run import PREPARED, run_preprocess
-
-    rid = model.recipe_id
-    index_path = dataset / PREPARED / f"{rid}.parquet"
-    stale = not index_path.is_file()
-    if not stale:
-        prepared = pd.read_parquet(index_path, columns=["scan_id"])
-        stale = not set(catalog.scan_id) <= set(prepared.scan_id)
-    if stale:
-        note(f"preparing the dataset with the model's recipe {rid} ({model.recipe.name}) first")
-        run_preprocess(
-            dataset,
-            model.recipe,
-            device,
-            workers,
-            ray_address,
-            batch_size,
-            on_progress=on_prepare_progress,
-        )
-    return pd.read_parquet(index_path), stale
-
-
 def _pool_size(ray: Any, workers: int, device: str) -> int:
     """`workers` actors; on CUDA one GPU each, so no more than the cluster has GPUs (an
     actor waiting for a GPU that does not exist would never start)."""
@@ -403,17 +368,19 @@ def score_dataset(
 
     import ray
 
+    from preprocess.run import prepare_if_needed
+
     started = start_ray(workers, ray_address)
     try:
-        index, summary.prepared = _ensure_prepared(
+        index, summary.prepared = prepare_if_needed(
             dataset,
-            eye_model,
-            catalog,
+            eye_model.recipe,
+            catalog.scan_id,
+            note,
             device,
             workers,
             ray_address,
             batch_size,
-            note,
             on_prepare_progress,
         )
         index = index[index.scan_id.isin(catalog.scan_id)]

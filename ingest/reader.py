@@ -983,9 +983,10 @@ def _ybr_to_rgb(pixels: np.ndarray) -> np.ndarray:
 
 
 # JPEG Baseline / Extended with 8-bit samples: libjpeg-turbo (through OpenCV's imdecode),
-# about 9x faster than pydicom's default plugin. Lossy JPEG decoders may differ by a few
-# grey levels (the standard allows it: PS3.5 8.2.1 defers to ISO/IEC 10918-2's accuracy);
-# measured against pylibjpeg-libjpeg: at most 4 levels. Lossless syntaxes are untouched.
+# about 7x faster than pylibjpeg-libjpeg (a 2048 x 1536 photograph: 55 ms -> 8 ms). Lossy
+# JPEG decoders may differ by a few grey levels (the standard fixes the IDCT's accuracy,
+# not its output); on the synthetic cohort, at most 7 levels from the previous path.
+# Lossless syntaxes are untouched.
 _TURBO_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
 _TURBO_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
 

@@ -169,6 +169,33 @@ def _layout(dataset: Path, rid: str, recipe: Recipe, catalog: pd.DataFrame) -> d
     return rows
 
 
+def prepare_if_needed(
+    dataset: Path,
+    recipe: Recipe,
+    scan_ids: pd.Series,
+    note: Callable[[str], None],
+    device: str = "auto",
+    workers: int = 2,
+    ray_address: str | None = None,
+    batch_size: int = 16,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> tuple[pd.DataFrame, bool]:
+    """The prepared index of `recipe`, preparing the dataset first (saying so through
+    `note`) when the index is missing or lacks any of `scan_ids`; and whether it did."""
+    rid = recipe_id(recipe)
+    index_path = dataset / PREPARED / f"{rid}.parquet"
+    stale = not index_path.is_file()
+    if not stale:
+        prepared = pd.read_parquet(index_path, columns=["scan_id"])
+        stale = not set(scan_ids) <= set(prepared.scan_id)
+    if stale:
+        note(f"preparing the dataset with recipe {rid} ({recipe.name}) first")
+        run_preprocess(
+            dataset, recipe, device, workers, ray_address, batch_size, on_progress=on_progress
+        )
+    return pd.read_parquet(index_path), stale
+
+
 def run_preprocess(
     dataset: Path,
     recipe: Recipe,

@@ -112,21 +112,19 @@ def ensure_prepared(
     dataset: Path, config: TrainConfig, settings: TrainSettings, on_note: Callable[[str], None]
 ) -> pd.DataFrame:
     """The prepared index for the config's recipe, preparing the dataset first if needed."""
-    from preprocess.run import PREPARED, run_preprocess
+    from preprocess.run import prepare_if_needed
 
     if not (dataset / CATALOG).is_file():
         raise DatasetError(f"{dataset} has no {CATALOG}: run `eyehub ingest` first")
-    rid = recipe_id(config.preprocess)
-    index_path = dataset / PREPARED / f"{rid}.parquet"
     catalog = pd.read_parquet(dataset / CATALOG)
-    stale = not index_path.is_file()
-    if not stale:
-        prepared = pd.read_parquet(index_path, columns=["scan_id"])
-        stale = not set(catalog.scan_id) <= set(prepared.scan_id)
-    if stale:
-        on_note(f"preparing the dataset with recipe {rid} ({config.preprocess.name}) first")
-        run_preprocess(dataset, config.preprocess, "auto", settings.workers, settings.ray_address)
-    index = pd.read_parquet(index_path)
+    index, _ = prepare_if_needed(
+        dataset,
+        config.preprocess,
+        catalog.scan_id,
+        on_note,
+        workers=settings.workers,
+        ray_address=settings.ray_address,
+    )
     subgroup = catalog[["scan_id", "manufacturer", "model"]]
     return index.merge(subgroup, on="scan_id", how="left")
 
