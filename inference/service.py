@@ -740,6 +740,32 @@ class _Gate:
         scope[_AUDIT_KEY] = entry
         body = _Body(receive, self.limit)
         answered = {"status": 0, "replaced": False}
+        metrics = self.state.metrics
+        start = time.perf_counter()
+        recorded = False
+
+        def record(status: int) -> None:
+            """Count the metrics and write the audit line, once: before the answer's last
+            byte leaves, so a client that has its answer finds them."""
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            metrics.in_flight.dec()
+            seconds = time.perf_counter() - start
+            metrics.requests.labels(route, str(scope.get("method", "")), str(status)).inc()
+            metrics.latency.labels(route).observe(seconds)
+            if status >= 400:
+                metrics.errors.labels(entry.get("result") or _status_code(status)).inc()
+            if path.startswith(_AUDITED):
+                self._audit_line(entry, route, status, seconds)
+
+        async def send_recorded(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                answered["status"] = int(message["status"])
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                record(answered["status"] or 500)
+            await send(message)
 
         async def send_out(message: Message) -> None:
             if answered["replaced"]:
@@ -747,30 +773,24 @@ class _Gate:
             if message["type"] == "http.response.start":
                 if body.over:
                     answered["replaced"] = True
-                    await self._refuse(body, send, entry, *self._too_large())
-                    answered["status"] = 413
+                    await self._refuse(body, send_recorded, entry, *self._too_large())
                     return
-                answered["status"] = int(message["status"])
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", entry["request_id"].encode("ascii")),
                 ]
-            await send(message)
+            await send_recorded(message)
 
-        metrics = self.state.metrics
         metrics.in_flight.inc()
-        start = time.perf_counter()
         try:
             refusal = self._refuse_early(path, headers)
             if refusal is not None:
-                await self._refuse(body, send, entry, *refusal)
-                answered["status"] = refusal[0]
+                await self._refuse(body, send_recorded, entry, *refusal)
             else:
                 with suppress(_BodyTooLarge):
                     await self.app(scope, body.receive, send_out)
                 if body.over and answered["status"] == 0:
-                    await self._refuse(body, send, entry, *self._too_large())
-                    answered["status"] = 413
+                    await self._refuse(body, send_recorded, entry, *self._too_large())
         except Exception as exc:
             entry["result"] = "internal_error"
             log.error(
@@ -784,18 +804,10 @@ class _Gate:
                     f"an internal error in eyehub (request {entry['request_id']}); the "
                     "traceback is in the service's log"
                 )
-                await self._refuse(body, send, entry, 500, "internal_error", detail, {})
+                await self._refuse(body, send_recorded, entry, 500, "internal_error", detail, {})
             answered["status"] = 500
         finally:
-            metrics.in_flight.dec()
-            seconds = time.perf_counter() - start
-            status = answered["status"] or 500
-            metrics.requests.labels(route, str(scope.get("method", "")), str(status)).inc()
-            metrics.latency.labels(route).observe(seconds)
-            if status >= 400:
-                metrics.errors.labels(entry.get("result") or _status_code(status)).inc()
-            if path.startswith(_AUDITED):
-                self._audit_line(entry, route, status, seconds)
+            record(answered["status"] or 500)
 
     def _refuse_early(
         self, path: str, headers: Mapping[str, bytes]
