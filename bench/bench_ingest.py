@@ -16,7 +16,11 @@ All in one run, on the same machine:
    (linear: the same ms per file).
 4. dcm2niix (Debian package) on the files it converts: eyehub's time / dcm2niix's time
    (target < 3x; dcm2niix writes uncompressed NIfTI and neither hashes nor de-identifies).
-5. GPU decoding (nvImageCodec): reported as skipped where there is no CUDA device.
+5. GPU decoding (nvImageCodec, `ingest/gpu_decode.py`): every JPEG 2000 and JPEG file of
+   the cohort decoded in one process by the CPU path and by nvImageCodec (lossless files
+   compared pixel for pixel), then end to end with `gpu_decode` auto against off. Where
+   there is no CUDA device the decode comparison runs on nvImageCodec's CPU backends, as a
+   check of the path (not a GPU figure), and the end-to-end comparison is skipped.
 
     .venv/bin/python bench/bench_ingest.py [--patients 6] [--cohort DIR] [--repeats 3]
 """
@@ -58,7 +62,7 @@ def _bare_decode(files: list[str], workers: int) -> tuple[float, int]:
     return time.perf_counter() - t, sum(decoded)
 
 
-def _ingest_child(queue: Any, args: tuple[list[str], str, str, int, str]) -> None:
+def _ingest_child(queue: Any, args: tuple[list[str], str, str, int, str, str]) -> None:
     """One ingest in this fresh process (nothing started yet): its summary's figures."""
     import logging
 
@@ -66,7 +70,7 @@ def _ingest_child(queue: Any, args: tuple[list[str], str, str, int, str]) -> Non
     from ingest import HubKey, run_ingest
     from ingest.run import IngestSettings
 
-    sources, dataset, executor, workers, labels = args
+    sources, dataset, executor, workers, labels, gpu = args
     t = time.perf_counter()
     started = time.time()
     summary = run_ingest(
@@ -74,7 +78,7 @@ def _ingest_child(queue: Any, args: tuple[list[str], str, str, int, str]) -> Non
         Path(dataset),
         HubKey(SECRET),
         Path(labels) if labels else None,
-        IngestSettings(workers=workers, executor=executor),  # type: ignore[arg-type]
+        IngestSettings(workers=workers, executor=executor, gpu_decode=gpu),  # type: ignore[arg-type]
     )
     wall = time.perf_counter() - t
     first = summary.stats.first_file_started
@@ -89,17 +93,23 @@ def _ingest_child(queue: Any, args: tuple[list[str], str, str, int, str]) -> Non
             "file_growth": summary.stats.peak_file_growth,
             "phases": summary.phases,
             "decoded_bytes": summary.decoded_bytes,
+            "nvimgcodec": dict(summary.nvimgcodec),
         }
     )
 
 
 def _ingest(
-    sources: list[Path], dataset: Path, executor: str, workers: int, labels: Path | None = None
+    sources: list[Path],
+    dataset: Path,
+    executor: str,
+    workers: int,
+    labels: Path | None = None,
+    gpu: str = "off",
 ) -> dict[str, Any]:
     # a process of its own (not a pool's: a daemonic process may not start workers)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
-    args = ([str(s) for s in sources], str(dataset), executor, workers, str(labels or ""))
+    args = ([str(s) for s in sources], str(dataset), executor, workers, str(labels or ""), gpu)
     process = ctx.Process(target=_ingest_child, args=(queue, args))
     process.start()
     result: dict[str, Any] = queue.get()
@@ -182,14 +192,79 @@ def _clone_cohort(small: Path, out: Path, n: int) -> list[Path]:
     return files
 
 
-def _gpu_line() -> str:
-    if shutil.which("nvidia-smi") is None or not Path("/dev/nvidiactl").exists():
-        return "skipped: no CUDA device on this machine (the CPU decoders above are used)"
-    try:
-        import nvidia.nvimgcodec  # noqa: F401
-    except ImportError:
-        return "skipped: a CUDA device is present but nvImageCodec is not installed"
-    return "nvImageCodec present: GPU decoding is not wired into ingest yet (see docs/ingest.md)"
+def _gpu_decode(files: list[str], src: Path, work: Path, workers: int, repeats: int) -> None:
+    """Section 5: nvImageCodec against the CPU path, decode alone and end to end."""
+    from ingest import gpu_decode, reader
+
+    print(f"\n5. GPU decoding: {gpu_decode.describe()}")
+    if gpu_decode.installed() is None:
+        return
+    on_gpu = gpu_decode.available("gpu")
+    mode = "auto" if on_gpu else "nvimgcodec-cpu"
+    syntaxes = gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES
+    chosen = []
+    for f in files:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ds = pydicom.dcmread(f, stop_before_pixels=True)
+            except Exception:
+                continue
+        if ds.file_meta.get("TransferSyntaxUID") in syntaxes:
+            chosen.append((f, ds.file_meta.TransferSyntaxUID in gpu_decode.J2K_SYNTAXES))
+
+    def decode(path: str) -> np.ndarray:
+        info = reader.inspect_scan(reader.read_header(path, defer_pixels=True))
+        if info.modality == "oct":
+            return np.stack(list(reader.iter_oct_frames(path, info)))
+        return reader.decode_fundus(info)
+
+    seconds = {"off": 0.0, mode: 0.0}
+    exact = lossless = 0
+    worst = 0
+    nbytes = 0
+    for path, is_lossless in chosen:
+        out = {}
+        for m in ("off", mode):
+            gpu_decode.configure(m)  # type: ignore[arg-type]
+            decode(path)  # warm: file cache, the decoder's start-up
+            t = time.perf_counter()
+            out[m] = decode(path)
+            seconds[m] += time.perf_counter() - t
+        gpu_decode.configure("auto")
+        nbytes += out["off"].nbytes
+        if is_lossless:
+            lossless += 1
+            exact += bool(np.array_equal(out["off"], out[mode]))
+        else:
+            worst = max(worst, int(np.abs(out["off"].astype(int) - out[mode].astype(int)).max()))
+    what = "on the GPU" if on_gpu else "'s CPU backends (a check of the path, not a GPU figure)"
+    mb = nbytes / 1e6
+    print(
+        f"  decode only, one process, {len(chosen)} JPEG 2000 / JPEG files ({mb:.0f} MB): "
+        f"CPU path {seconds['off']:.2f} s, nvImageCodec{what if not on_gpu else ' ' + what} "
+        f"{seconds[mode]:.2f} s -> "
+        f"{seconds['off'] / seconds[mode]:.2f}x"
+    )
+    print(
+        f"  JPEG 2000 files bit-exact with the CPU path: {exact} of {lossless}; JPEG: at most "
+        f"{worst} grey levels apart"
+    )
+    if not on_gpu:
+        print("  end to end with the GPU: skipped (no CUDA device)")
+        return
+    walls: dict[str, list[float]] = {"off": [], "auto": []}
+    used = {}
+    for r in range(repeats):
+        for m in ("off", "auto"):
+            res = _ingest([src], work / f"gpu-{m}-{r}", "local", workers, gpu=m)
+            walls[m].append(res["wall"])
+            used[m] = res["nvimgcodec"].get("gpu", 0)
+    off, auto = statistics.median(walls["off"]), statistics.median(walls["auto"])
+    print(
+        f"  end to end, {workers} workers (medians of {repeats}): gpu_decode off {off:.1f} s, "
+        f"auto {auto:.1f} s ({used['auto']} files decoded on the GPU) -> {off / auto:.2f}x"
+    )
 
 
 def main() -> None:
@@ -329,7 +404,7 @@ def main() -> None:
         else:
             print(f"  dcm2niix not installed; eyehub {os_:5.1f} s")
 
-        print(f"\n5. GPU decoding: {_gpu_line()}")
+        _gpu_decode(files, src, work, w, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -207,6 +207,8 @@ def print_ingest_summary(summary: IngestSummary, dataset: Path) -> None:
         f"{summary.present} already present, {summary.quarantined_total} quarantined"
         + (f", {summary.ignored} ignored (DICOMDIR)" if summary.ignored else "")
         + (f" on {len(summary.nodes)} Ray node(s)" if summary.nodes else "")
+        + (f"; {n} decoded on the GPU" if (n := summary.nvimgcodec["gpu"]) else "")
+        + (f"; {n} by nvImageCodec's CPU backends" if (n := summary.nvimgcodec["cpu"]) else "")
     )
     for reason, count in sorted(summary.quarantined.items()):
         console.print(f"  quarantined {count:>5}  {reason}")
@@ -386,6 +388,13 @@ def ingest(
     max_decoded_bytes: Annotated[
         str, typer.Option(help="Quarantine scans whose decoded size exceeds this (e.g. 4GiB).")
     ] = "4GiB",
+    gpu_decode: Annotated[
+        str,
+        typer.Option(
+            help="auto: JPEG 2000 and JPEG decode on a CUDA GPU (nvImageCodec) where this "
+            "machine has one, lossless bit-exact; off: always on the CPU."
+        ),
+    ] = "auto",
 ) -> None:
     """De-identify DICOM into a dataset: OME-Zarr scans, catalog.parquet, quarantine.parquet.
 
@@ -399,11 +408,14 @@ def ingest(
     key = load_key(key_file or env.key_file)
     if executor not in ("auto", "local", "ray"):
         raise UsageError(f"--executor must be auto, local or ray (got {executor!r})")
+    if gpu_decode not in ("auto", "off", "nvimgcodec-cpu"):
+        raise UsageError(f"--gpu-decode must be auto or off (got {gpu_decode!r})")
     settings = IngestSettings(
         workers=workers,
         max_decoded_bytes=parse_size(max_decoded_bytes),
         ray_address=ray_address or env.ray_address,
         executor=executor,  # type: ignore[arg-type]
+        gpu_decode=gpu_decode,  # type: ignore[arg-type]
     )
     summary = _run_ingest(sources, out, key=key, labels=labels, settings=settings)
     if summary.quarantined_total:

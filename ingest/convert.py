@@ -17,6 +17,7 @@ from typing import Any
 
 from eyehub.errors import InputError
 from eyehub.failures import internal_traceback
+from ingest import gpu_decode
 from ingest.deid import deidentify
 from ingest.kernel import fundus_pixels, oct_frames, oct_shape
 from ingest.keys import HubKey
@@ -35,6 +36,7 @@ def file_sha256(path: Path) -> str:
 def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int) -> dict[str, Any]:
     """Convert `path`; returns {'outcome': converted|present|quarantined|ignored, ...}."""
     result: dict[str, Any] = {"path": str(path), "outcome": "quarantined", "sha256": None}
+    on_nvimgcodec = gpu_decode.frames_decoded()
     try:
         try:
             stat = path.stat()
@@ -112,6 +114,8 @@ def convert_file(path: Path, dataset: Path, key: HubKey, max_decoded_bytes: int)
             existing = read_scan_attributes(scan_path(dataset, deid.scan_id)) or {}
             return _existing(result, existing, deid.scan_id, sha)
         result.update(outcome="converted", scan_id=deid.scan_id, decoded_bytes=decoded_bytes)
+        now = gpu_decode.frames_decoded()
+        result["nvimgcodec"] = next((b for b in now if now[b] > on_nvimgcodec[b]), None)
     except DirectoryRecord:
         result.update(outcome="ignored")
     except InputError as exc:

@@ -35,6 +35,8 @@ from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ingest import gpu_decode
+
 if TYPE_CHECKING:
     from ingest.run import IngestSettings
 
@@ -89,7 +91,12 @@ def _reset_peak_rss() -> bool:
 
 
 def _work(
-    conn: Connection, dataset: str, secret: bytes, max_decoded_bytes: int, max_rss: int
+    conn: Connection,
+    dataset: str,
+    secret: bytes,
+    max_decoded_bytes: int,
+    max_rss: int,
+    gpu_mode: gpu_decode.Mode,
 ) -> None:
     """A local worker: convert the paths the driver sends, one at a time, until told to
     stop (None) or the driver is gone; exits after a file that left it above `max_rss`."""
@@ -102,6 +109,7 @@ def _work(
     from ingest.convert import convert_file
     from ingest.keys import HubKey
 
+    gpu_decode.configure(gpu_mode)
     key = HubKey(secret)
     while True:
         try:
@@ -180,7 +188,13 @@ class LocalExecutor:
 
     def __init__(self, dataset: Path, secret: bytes, settings: IngestSettings) -> None:
         self.workers = settings.workers
-        self.args = (str(dataset), secret, settings.max_decoded_bytes, settings.max_worker_rss)
+        self.args = (
+            str(dataset),
+            secret,
+            settings.max_decoded_bytes,
+            settings.max_worker_rss,
+            settings.gpu_decode,
+        )
         self.stats = ExecutorStats()
         self._ctx = _context()
         self._slots: list[_Slot] = []
@@ -292,13 +306,19 @@ class LocalExecutor:
 
 
 def _convert_batch_task(
-    paths: list[str], dataset: str, secret: bytes, max_decoded_bytes: int
+    paths: list[str],
+    dataset: str,
+    secret: bytes,
+    max_decoded_bytes: int,
+    gpu_mode: gpu_decode.Mode,
 ) -> tuple[str, list[dict[str, Any]]]:
-    """The Ray task: the plain kernel over a few files, plus which node ran it."""
+    """The Ray task: the plain kernel over a few files, plus which node ran it. (Ray hides
+    the GPUs from a task that reserves none, so these decode on the CPU.)"""
     import ray
 
     from ingest.convert import convert_batch
 
+    gpu_decode.configure(gpu_mode)
     node = ray.get_runtime_context().get_node_id()
     started = time.time()
     results = convert_batch(paths, dataset, secret, max_decoded_bytes)
@@ -314,7 +334,7 @@ class RayExecutor:
 
     def __init__(self, dataset: Path, secret: bytes, settings: IngestSettings) -> None:
         self.workers = settings.workers
-        self.args = (str(dataset), secret, settings.max_decoded_bytes)
+        self.args = (str(dataset), secret, settings.max_decoded_bytes, settings.gpu_decode)
         self.batch_files = settings.batch_files
         self.batch_bytes = settings.batch_bytes
         self.stats = ExecutorStats()

@@ -42,6 +42,7 @@ from pydicom.uid import UID
 
 from eyehub.errors import InputError
 from eyehub.reasons import QUARANTINE_REASONS
+from ingest import gpu_decode
 
 log = logging.getLogger(__name__)
 
@@ -940,15 +941,15 @@ def _decoding_plugin(ts: UID) -> str:
         return ""
 
 
-def _checked_frames(ds: Dataset, frames: Iterable[bytes]) -> Iterator[bytes]:
-    """`frames` (one compressed frame each), each checked before it is yielded; the first
-    damaged one raises corrupt_pixel_data."""
+def _checked_frames(ds: Dataset, frames: Iterable[bytes], first: int = 0) -> Iterator[bytes]:
+    """`frames` (one compressed frame each, the first of them frame `first`), each checked
+    before it is yielded; the first damaged one raises corrupt_pixel_data."""
     ts = _transfer_syntax(ds)
     kind, check = _FRAME_CHECKS[ts]
     layout = _Layout.of(ds)
     total = int(ds.get("NumberOfFrames", 1) or 1)
     try:
-        for index, frame in enumerate(frames):
+        for index, frame in enumerate(frames, first):
             problem = check(frame, layout)
             if problem:
                 log.debug("frame %d: %s stream %s", index, kind, problem)
@@ -995,8 +996,13 @@ class _TurboRefused(Exception):
     """libjpeg-turbo did not decode a frame that passed the stream check."""
 
 
-def _turbo_decoder(ds: Dataset) -> Callable[[bytes], np.ndarray] | None:
-    """A per-frame decoder through libjpeg-turbo where it applies (8-bit JPEG, grey or
+# what a fast decoder raises for a file it does not take: its CPU decoders take it instead
+_REFUSED = (_TurboRefused, gpu_decode.Refused)
+FrameDecoder = Callable[[Iterable[bytes]], Iterator[np.ndarray]]
+
+
+def _turbo_decoder(ds: Dataset) -> FrameDecoder | None:
+    """A decoder of the frames through libjpeg-turbo where it applies (8-bit JPEG, grey or
     YCbCr), else None (pydicom's plugins decode)."""
     if (
         _transfer_syntax(ds) not in _TURBO_SYNTAXES
@@ -1018,7 +1024,13 @@ def _turbo_decoder(ds: Dataset) -> Callable[[bytes], np.ndarray] | None:
             raise _TurboRefused
         return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB) if samples == 3 else pixels
 
-    return decode
+    return lambda frames: map(decode, frames)
+
+
+def _fast_decoder(ds: Dataset) -> FrameDecoder | None:
+    """The fastest decoder of the file's checked frames that applies: the GPU's
+    (`ingest.gpu_decode`, where one is usable), libjpeg-turbo's; None: pydicom's plugins."""
+    return gpu_decode.frame_decoder(ds) or _turbo_decoder(ds)
 
 
 def _decode(ds: Dataset) -> np.ndarray:
@@ -1028,13 +1040,14 @@ def _decode(ds: Dataset) -> np.ndarray:
         data = ds.PixelData  # a deferred value is read here
     except Exception as exc:
         raise _corrupt(exc) from None
-    turbo = _turbo_decoder(ds)
-    if turbo is not None:
+    fast = _fast_decoder(ds)
+    if fast is not None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                frames = [turbo(f) for f in _checked_frames(ds, _frame_buffers(ds, data))]
-            except _TurboRefused:  # a valid stream it does not take (a DNL marker): pydicom's
+                frames = list(fast(_checked_frames(ds, _frame_buffers(ds, data))))
+            except _REFUSED:  # a valid stream it does not take (a DNL marker): pydicom's
+                log.debug("the fast decoder refused a frame; pydicom's plugins decode")
                 return _decode_with_pydicom(ds, ts, photometric)
         expected = int(ds.get("NumberOfFrames", 1) or 1)
         if len(frames) < expected:  # pydicom's pixel_array refuses these too
@@ -1238,23 +1251,53 @@ def decode_fundus(info: ScanInfo) -> np.ndarray:
 def iter_oct_frames(source: Source | BinaryIO, info: ScanInfo) -> Iterator[np.ndarray]:
     """Decode an inspected OCT one B-scan at a time, in stored order, reading each frame
     from the file: the volume is never held in memory whole. Each compressed frame is
-    checked (see `_FRAME_CHECKS`) before it is decoded."""
+    checked (see `_FRAME_CHECKS`) before it is decoded. Where a fast decoder (GPU,
+    libjpeg-turbo) refuses a frame, pydicom's plugins go on from that frame."""
     ds = info.header
+    n = 0
+    fast = _fast_decoder(ds)
+    try:
+        for frame in _oct_frames(source, ds, fast, 0):
+            n += 1
+            yield frame
+    except _REFUSED:
+        log.debug("the fast decoder refused frame %d; pydicom's plugins go on from there", n)
+        for frame in _oct_frames(source, ds, None, n):
+            n += 1
+            yield frame
+    if n != int(ds.get("NumberOfFrames", 1) or 1):
+        raise _fail(
+            "inconsistent_geometry", "the file holds fewer frames than NumberOfFrames says."
+        )
+
+
+def _oct_frames(
+    source: Source | BinaryIO, ds: Dataset, fast: FrameDecoder | None, start: int
+) -> Iterator[np.ndarray]:
+    """The B-scans from frame `start` on, decoded by `fast` (which raises one of
+    `_REFUSED` for a frame it does not take) or else by pydicom's plugins."""
     rows, cols = int(ds.Rows), int(ds.Columns)
     ts = _transfer_syntax(ds)
-    n = 0
+    total = int(ds.get("NumberOfFrames", 1) or 1)
     with ExitStack() as stack:
         try:
             decode_from, raw_from = _frame_streams(source, ts in _FRAME_CHECKS, stack)
         except OSError as exc:
             raise _unreadable(exc) from None
-        checked = None if raw_from is None else _checked_frames(ds, _raw_frames(ds, raw_from))
-        turbo = _turbo_decoder(ds)
+        checked = None
+        if raw_from is not None:
+            raw = itertools.islice(_raw_frames(ds, raw_from), start, None)
+            checked = _checked_frames(ds, raw, start)
         frames: Iterator[np.ndarray]
-        if turbo is not None and checked is not None:  # decode the frames the check read
-            frames, checked = (turbo(f) for f in checked), None
+        if fast is not None and checked is not None:  # decode the frames the check read
+            frames, checked = fast(checked), None
         else:
-            frames = iter_pixels(decode_from, as_rgb=False, decoding_plugin=_decoding_plugin(ts))
+            frames = iter_pixels(
+                decode_from,
+                as_rgb=False,
+                decoding_plugin=_decoding_plugin(ts),
+                indices=range(start, total) if start else None,
+            )
             close = getattr(frames, "close", None)  # a generator: closing it closes the file
             if close is not None:
                 stack.callback(close)
@@ -1264,12 +1307,7 @@ def iter_oct_frames(source: Source | BinaryIO, info: ScanInfo) -> Iterator[np.nd
                     "inconsistent_geometry",
                     "OCT frames are not single-channel images of Rows x Columns.",
                 )
-            n += 1
             yield frame
-    if n != int(ds.get("NumberOfFrames", 1) or 1):
-        raise _fail(
-            "inconsistent_geometry", "the file holds fewer frames than NumberOfFrames says."
-        )
 
 
 def _next_frame(checked: Iterator[bytes] | None, frames: Iterator[np.ndarray]) -> np.ndarray | None:
@@ -1280,7 +1318,7 @@ def _next_frame(checked: Iterator[bytes] | None, frames: Iterator[np.ndarray]) -
             if checked is not None:
                 next(checked, None)
             return next(frames, None)
-    except InputError:
+    except (InputError, *_REFUSED):
         raise
     except Exception as exc:
         raise _corrupt(exc) from None

@@ -54,6 +54,8 @@ class IngestSettings(Settings):
     executor: Literal["auto", "local", "ray"] = "auto"
     # a local worker above this resident size after a file is replaced by a fresh one
     max_worker_rss: int = 4 * 2**30
+    # JPEG 2000 / JPEG on a CUDA GPU through nvImageCodec where one is usable (ingest/gpu_decode.py)
+    gpu_decode: Literal["auto", "off", "nvimgcodec-cpu"] = "auto"
     batch_files: int = 4  # Ray: files per task
     batch_bytes: int = 64 * 2**20
 
@@ -74,6 +76,8 @@ class IngestSummary:
     decoded_bytes: int = 0
     catalog_rows: int = 0
     executor: str = ""  # local | ray (empty when nothing needed converting)
+    # converted files whose frames nvImageCodec decoded, by backend (gpu; cpu: a test mode)
+    nvimgcodec: Counter[str] = field(default_factory=Counter)
     stats: ExecutorStats = field(default_factory=ExecutorStats)
     # wall seconds per phase: sources (walk, index, labels), convert (the executor, start
     # to stop), records (the driver's per-file bookkeeping, inside convert), catalog
@@ -279,6 +283,8 @@ def _account(
     if outcome == "converted":
         summary.converted += 1
         summary.decoded_bytes += res.get("decoded_bytes", 0)
+        if res.get("nvimgcodec"):
+            summary.nvimgcodec[res["nvimgcodec"]] += 1
         clear_quarantine(dataset, path)
     elif outcome == "present":
         summary.present += 1

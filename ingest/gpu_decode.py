@@ -1,0 +1,220 @@
+"""JPEG 2000 and JPEG decoding on an NVIDIA GPU through nvImageCodec (nvJPEG2000, nvJPEG).
+
+An optional path: used when the process sees a CUDA device and `nvidia-nvimgcodec-cu12`
+(with its `nvidia-nvjpeg2k-cu12` / `nvidia-nvjpeg-cu12` libraries) imports; everywhere
+else the CPU decoders run and nothing is printed. The reader (`ingest.reader`) asks
+`frame_decoder(ds)` for a decoder of a file's compressed frames; it gets None where this
+path does not apply, and falls back to its CPU decoders for a file whose frames the GPU
+did not decode (`Refused`).
+
+What goes to the GPU: JPEG 2000 (lossless and lossy, Part 1) with unsigned samples of
+8 to 16 bits, grey or colour held as RGB / YBR_RCT / YBR_ICT (the codestream's own colour
+transform, which nvJPEG2000 inverts as OpenJPEG does); 8-bit JPEG Baseline / Extended,
+grey or YCbCr, the frames libjpeg-turbo takes on the CPU. Lossless output is bit-exact with
+OpenJPEG's by the standard (an integer wavelet); lossy JPEG may differ from libjpeg-turbo by
+a few grey levels, as any two JPEG decoders may.
+
+Frames go to the GPU in batches (`BATCH` per call), so an OCT volume's B-scans decode
+together. Each process holds its own decoder (per thread: nvImageCodec decoders are not
+shared between threads here).
+
+Modes (`configure`, the ingest setting `gpu_decode`): "auto" (the default) uses the GPU
+where one is usable, "off" never. "nvimgcodec-cpu" runs the same code on nvImageCodec's CPU
+backends (OpenCV's OpenJPEG and libjpeg-turbo, several threads per file): no faster than
+eyehub's own CPU path, it exists so this adapter (batches, dtypes, colour, fallbacks) is
+tested end to end on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Literal
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["auto", "off", "nvimgcodec-cpu"]
+MODES: tuple[Mode, ...] = ("auto", "off", "nvimgcodec-cpu")
+Backend = Literal["gpu", "cpu"]
+BATCH = 32  # frames per decode call: an OCT volume's B-scans in a few calls
+
+J2K_SYNTAXES = {pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000}
+JPEG_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
+_J2K_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "YBR_RCT": 3, "YBR_ICT": 3}
+_JPEG_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
+
+_settings: dict[str, str] = {"mode": "auto"}
+_local = threading.local()
+_decoded: dict[Backend, int] = {"gpu": 0, "cpu": 0}
+
+
+class Refused(Exception):
+    """nvImageCodec did not decode a frame, or gave one of another shape: the file goes to
+    the CPU decoders."""
+
+
+def configure(mode: Mode = "auto") -> None:
+    """Set this process's mode (ingest workers call it with the run's `gpu_decode`)."""
+    if mode not in MODES:
+        raise ValueError(f"gpu_decode must be one of {', '.join(MODES)} (got {mode!r})")
+    _settings["mode"] = mode
+
+
+def frames_decoded() -> dict[Backend, int]:
+    """How many frames nvImageCodec has decoded in this process, by backend."""
+    return dict(_decoded)
+
+
+@functools.cache
+def cuda_devices() -> int:
+    """How many CUDA devices the driver shows this process (0 without a driver): asked of
+    libcuda directly, so a machine without one pays a failed dlopen and nothing else."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int(0)
+        if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return int(count.value)
+    except (OSError, AttributeError):
+        return 0
+
+
+def installed() -> str | None:
+    """nvImageCodec's version where it imports, else None."""
+    try:
+        from nvidia import nvimgcodec
+    except Exception:  # absent, or its native libraries do not load
+        return None
+    return str(getattr(nvimgcodec, "__version__", "unknown"))
+
+
+def available(backend: Backend = "gpu") -> bool:
+    """Whether this process can decode through nvImageCodec on `backend`."""
+    return _decoder(backend) is not None
+
+
+def describe() -> str:
+    """One line for people: what decodes JPEG 2000 and JPEG in this process."""
+    version = installed()
+    if version is None:
+        return "GPU decode: off (nvImageCodec is not installed)"
+    devices = cuda_devices()
+    if devices == 0:
+        return f"GPU decode: off (nvImageCodec {version}; no CUDA device)"
+    if not available("gpu"):
+        return f"GPU decode: off (nvImageCodec {version} could not open the CUDA device)"
+    return f"GPU decode: on (nvImageCodec {version}, {devices} CUDA device(s))"
+
+
+def _decoder(backend: Backend) -> Any | None:
+    """This thread's nvImageCodec decoder on `backend`, made once; None where it cannot be."""
+    cached = _local.__dict__.get(backend, False)
+    if cached is not False:
+        return cached
+    decoder = None
+    if backend == "cpu" or cuda_devices() > 0:
+        try:
+            from nvidia import nvimgcodec
+
+            if backend == "cpu":
+                decoder = nvimgcodec.Decoder(
+                    device_id=nvimgcodec.NVIMGCODEC_DEVICE_CPU_ONLY,
+                    backends=[nvimgcodec.Backend(nvimgcodec.CPU_ONLY)],
+                )
+            else:
+                decoder = nvimgcodec.Decoder(
+                    backends=[
+                        nvimgcodec.Backend(nvimgcodec.GPU_ONLY),
+                        nvimgcodec.Backend(nvimgcodec.HYBRID_CPU_GPU),
+                    ]
+                )
+        except Exception as exc:  # not installed, or the device would not open
+            log.info("nvImageCodec (%s) is not usable here: %s", backend, exc)
+            decoder = None
+    setattr(_local, backend, decoder)
+    return decoder
+
+
+def frame_decoder(ds: Dataset) -> Callable[[Iterable[bytes]], Iterator[np.ndarray]] | None:
+    """A decoder of `ds`'s compressed frames (each checked by the reader first) on the GPU,
+    where this path applies to the file and a GPU is usable; else None."""
+    if _settings["mode"] == "off":
+        return None
+    ts = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
+        return None  # signed samples stay with pydicom's decoders
+    if ts in J2K_SYNTAXES and bits in (8, 16):
+        samples = _J2K_PHOTOMETRIC.get(photometric)
+    elif ts in JPEG_SYNTAXES and bits == 8:
+        samples = _JPEG_PHOTOMETRIC.get(photometric)
+    else:
+        return None
+    if samples is None or int(ds.get("SamplesPerPixel", 1) or 1) != samples:
+        return None
+    backend: Backend = "cpu" if _settings["mode"] == "nvimgcodec-cpu" else "gpu"
+    decoder = _decoder(backend)
+    if decoder is None:
+        return None
+    from nvidia import nvimgcodec
+
+    jpeg = ts in JPEG_SYNTAXES
+    params = nvimgcodec.DecodeParams(
+        # JPEG: YCbCr to RGB as libjpeg-turbo does; JPEG 2000: the codestream's own
+        # transform only (none for grey), as OpenJPEG does
+        color_spec=(nvimgcodec.SRGB if samples == 3 else nvimgcodec.GRAY)
+        if jpeg
+        else nvimgcodec.UNCHANGED,
+        allow_any_depth=True,
+        apply_exif_orientation=False,
+    )
+    shape = (int(ds.Rows), int(ds.Columns), samples)
+    dtype = np.uint8 if bits == 8 else np.uint16
+
+    def decode(frames: Iterable[bytes]) -> Iterator[np.ndarray]:
+        batch: list[bytes] = []
+        for frame in frames:
+            batch.append(frame)
+            if len(batch) == BATCH:
+                yield from _decode_batch(decoder, nvimgcodec, batch, params, shape, dtype)
+                _decoded[backend] += len(batch)
+                batch = []
+        if batch:
+            yield from _decode_batch(decoder, nvimgcodec, batch, params, shape, dtype)
+            _decoded[backend] += len(batch)
+
+    return decode
+
+
+def _decode_batch(
+    decoder: Any,
+    nvimgcodec: Any,
+    frames: list[bytes],
+    params: Any,
+    shape: tuple[int, int, int],
+    dtype: type[np.generic],
+) -> Iterator[np.ndarray]:
+    try:
+        images = decoder.decode([nvimgcodec.CodeStream(f) for f in frames], params=params)
+    except Exception as exc:
+        log.debug("nvImageCodec refused a batch: %s", exc)
+        raise Refused from None
+    for image in images:
+        host = None if image is None else image.cpu()
+        if host is None:
+            raise Refused
+        pixels = np.asarray(host)
+        if pixels.ndim == 2:
+            pixels = pixels[..., None]
+        if pixels.shape != shape or pixels.dtype.itemsize > np.dtype(dtype).itemsize:
+            raise Refused
+        pixels = pixels.astype(dtype, copy=False)
+        yield pixels[..., 0] if shape[2] == 1 else pixels

@@ -1,0 +1,230 @@
+"""The optional GPU decode path (`ingest/gpu_decode.py`, nvImageCodec): installed by
+`make install` everywhere, used only where a CUDA device is, silent and inert elsewhere.
+
+Its adapter (batches of frames, dtypes, colour, the fall-back to the CPU decoders) is the
+same code whichever backend nvImageCodec runs, so it is checked here on nvImageCodec's CPU
+backends (the `nvimgcodec-cpu` mode), and on the GPU itself where the machine has one.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pydicom
+import pytest
+import zarr
+from pydicom.uid import JPEG2000Lossless
+
+from eyehub.synth import generate_cohort
+from ingest import HubKey, gpu_decode, reader, run_ingest
+from ingest.run import IngestSettings
+from ingest.store import SCANS
+
+LOSSY_TOLERANCE = 8  # grey levels between two JPEG decoders (as tests/ingest/test_dataset.py)
+HAS_CUDA = gpu_decode.cuda_devices() > 0
+MODES = [
+    "nvimgcodec-cpu",
+    pytest.param("auto", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
+]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small cohort (JPEG 2000 OCT and photographs, JPEG photographs among its files)
+    plus a 12-bit JPEG 2000 OCT made from one of its native volumes."""
+    root = tmp_path_factory.mktemp("gpu-decode")
+    generate_cohort(root, patients=4, seed=23, workers=2)
+    folder = root / "dicom"
+    native = next(
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and _syntax(p) == pydicom.uid.ExplicitVRLittleEndian and _is_oct(p)
+    )
+    ds = pydicom.dcmread(native)
+    twelve_bit = (ds.pixel_array.astype(np.uint16) * 16 + 7) & 0x0FFF
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
+    ds.compress(JPEG2000Lossless, twelve_bit, encoding_plugin="pylibjpeg")
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "zz_oct_12bit.dcm", enforce_file_format=True)
+    return folder
+
+
+def _syntax(path: Path) -> str:
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    except Exception:
+        return ""
+
+
+def _is_oct(path: Path) -> bool:
+    return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality")) == "OPT"
+
+
+def _files(cohort: Path, syntaxes: set[pydicom.uid.UID]) -> list[Path]:
+    return [p for p in sorted(cohort.rglob("*")) if p.is_file() and _syntax(p) in syntaxes]
+
+
+def _decode(path: Path) -> np.ndarray:
+    """The file's pixels as ingest decodes them: OCT B-scans one by one, photographs whole."""
+    info = reader.inspect_scan(reader.read_header(path, defer_pixels=True))
+    if info.modality == "oct":
+        return np.stack(list(reader.iter_oct_frames(path, info)))
+    return reader.decode_fundus(info)
+
+
+@pytest.fixture
+def mode() -> Iterator[None]:
+    yield
+    gpu_decode.configure("auto")
+
+
+def test_installed_and_without_a_gpu_inert_and_silent(cohort: Path) -> None:
+    """In a fresh process: nvImageCodec imports (make install put it there); where there is
+    no CUDA device no file goes to it, and nothing at all is printed."""
+    oct_j2k = _files(cohort, {JPEG2000Lossless})[0]
+    code = (
+        "import json, sys\n"
+        "from ingest import gpu_decode, reader\n"
+        "ds = reader.read_header(sys.argv[1])\n"
+        "print(json.dumps({'version': gpu_decode.installed(),\n"
+        "    'devices': gpu_decode.cuda_devices(), 'describe': gpu_decode.describe(),\n"
+        "    'used': gpu_decode.frame_decoder(ds) is not None}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(oct_j2k)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    seen = json.loads(done.stdout)
+    assert seen["version"], "nvidia-nvimgcodec-cu12 is not installed (make install installs it)"
+    if seen["devices"] == 0:
+        assert not seen["used"]
+        assert (
+            seen["describe"] == f"GPU decode: off (nvImageCodec {seen['version']}; no CUDA device)"
+        )
+    else:
+        assert seen["used"] and seen["describe"].startswith("GPU decode: on")
+
+
+@pytest.mark.parametrize("nvimgcodec_mode", MODES)
+def test_lossless_frames_are_bit_exact_and_jpeg_within_the_standards_tolerance(
+    cohort: Path, nvimgcodec_mode: gpu_decode.Mode, mode: None
+) -> None:
+    j2k = _files(cohort, gpu_decode.J2K_SYNTAXES)
+    jpeg = _files(cohort, gpu_decode.JPEG_SYNTAXES)
+    kinds = {_is_oct(p) for p in j2k}
+    assert len(j2k) >= 3 and kinds == {True, False} and jpeg, "the cohort lacks a case"
+    backend: gpu_decode.Backend = "cpu" if nvimgcodec_mode == "nvimgcodec-cpu" else "gpu"
+    for path in j2k + jpeg:
+        gpu_decode.configure("off")
+        cpu = _decode(path)
+        gpu_decode.configure(nvimgcodec_mode)
+        before = gpu_decode.frames_decoded()[backend]
+        fast = _decode(path)
+        assert gpu_decode.frames_decoded()[backend] > before, f"{path.name}: not decoded by it"
+        assert fast.shape == cpu.shape and fast.dtype == cpu.dtype, path.name
+        if path in j2k:
+            assert np.array_equal(fast, cpu), f"{path.name}: lossless pixels differ"
+        else:
+            diff = np.abs(fast.astype(int) - cpu.astype(int)).max()
+            assert diff <= LOSSY_TOLERANCE, f"{path.name}: {diff} grey levels"
+    twelve = _decode(cohort / "zz_oct_12bit.dcm")
+    assert twelve.dtype == np.uint16 and int(twelve.max()) < 4096
+
+
+@pytest.mark.parametrize("refused_at", ["first", "second", "last"])
+def test_a_frame_the_fast_decoder_refuses_goes_to_the_cpu_decoders_from_that_frame(
+    cohort: Path, refused_at: str, mode: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A frame nvImageCodec does not decode (an unsupported feature, a device error): the
+    B-scans before it are kept, pydicom's plugins decode from it on; a photograph goes to
+    them whole. Either way the pixels equal the CPU decoders' own."""
+    oct_j2k = next(p for p in _files(cohort, {JPEG2000Lossless}) if _is_oct(p))
+    photo = next(p for p in _files(cohort, {JPEG2000Lossless}) if not _is_oct(p))
+    gpu_decode.configure("off")
+    want = {p: _decode(p) for p in (oct_j2k, photo)}
+    frames = len(want[oct_j2k])
+    monkeypatch.setattr(gpu_decode, "BATCH", 4)  # the volume spans several batches
+    assert frames > 2 * gpu_decode.BATCH
+    at = {"first": 0, "second": 1, "last": frames - 1}[refused_at]
+    gpu_decode.configure("nvimgcodec-cpu")
+    real = reader._fast_decoder
+    refusals: list[int] = []
+
+    def refusing(ds: pydicom.Dataset) -> reader.FrameDecoder | None:
+        decode = real(ds)
+        assert decode is not None
+        refuse = at if int(ds.get("NumberOfFrames", 1) or 1) > 1 else 0
+
+        def decoded(streams: Iterable[bytes]) -> Iterator[np.ndarray]:
+            for index, frame in enumerate(decode(streams)):
+                if index == refuse:
+                    refusals.append(index)
+                    raise gpu_decode.Refused
+                yield frame
+
+        return decoded
+
+    monkeypatch.setattr(reader, "_fast_decoder", refusing)
+    for path, pixels in want.items():
+        assert np.array_equal(_decode(path), pixels), path.name
+    assert refusals == [at, 0]
+
+
+def test_an_ingest_through_nvimgcodec_writes_the_dataset_the_cpu_path_writes(
+    cohort: Path, hub_key: HubKey, tmp_path: Path
+) -> None:
+    """End to end through the local executor's workers: the run's `gpu_decode` reaches them,
+    the files they decode through nvImageCodec are counted, the dataset is the same."""
+    states = {}
+    names: tuple[gpu_decode.Mode, ...] = ("off", "nvimgcodec-cpu")
+    for name in names:
+        settings = IngestSettings(workers=2, executor="local", gpu_decode=name)
+        summary = run_ingest([cohort], tmp_path / name, hub_key, settings=settings)
+        assert summary.quarantined_total == 0
+        states[name] = (summary, _state(tmp_path / name))
+    (off, (off_catalog, off_scans)), (nv, (nv_catalog, nv_scans)) = states.values()
+    assert off.nvimgcodec["cpu"] == 0
+    gpu_decode.configure("nvimgcodec-cpu")
+    try:
+        taken = [
+            p
+            for p in _files(cohort, gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES)
+            if gpu_decode.frame_decoder(reader.read_header(p, defer_pixels=True))
+        ]
+    finally:
+        gpu_decode.configure("auto")
+    assert len(taken) >= 4 and nv.nvimgcodec["cpu"] == len(taken)
+    pd.testing.assert_frame_equal(
+        off_catalog.drop(columns="fov_mask_fraction"), nv_catalog.drop(columns="fov_mask_fraction")
+    )
+    assert np.allclose(
+        off_catalog.fov_mask_fraction, nv_catalog.fov_mask_fraction, atol=1e-3, equal_nan=True
+    )
+    assert off_scans.keys() == nv_scans.keys()
+    lossy = set(off_catalog.scan_id[off_catalog.lossy])
+    for scan_id, pixels in off_scans.items():
+        if scan_id in lossy:
+            diff = np.abs(pixels.astype(int) - nv_scans[scan_id].astype(int)).max()
+            assert diff <= LOSSY_TOLERANCE, scan_id
+        else:
+            assert np.array_equal(pixels, nv_scans[scan_id]), scan_id
+
+
+def _state(dataset: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
+    catalog = pd.read_parquet(dataset / "catalog.parquet").sort_values("scan_id")
+    scans = {
+        d.name: np.asarray(zarr.open_array(d / "0", mode="r")[...])
+        for d in sorted((dataset / SCANS).iterdir())
+        if d.is_dir()
+    }
+    return catalog.reset_index(drop=True), scans
