@@ -11,18 +11,26 @@ What goes to the GPU: JPEG 2000 (lossless and lossy, Part 1) with unsigned sampl
 8 to 16 bits, grey or colour held as RGB / YBR_RCT / YBR_ICT (the codestream's own colour
 transform, which nvJPEG2000 inverts as OpenJPEG does); 8-bit JPEG Baseline / Extended,
 grey or YCbCr, the frames libjpeg-turbo takes on the CPU. Lossless output is bit-exact with
-OpenJPEG's by the standard (an integer wavelet); lossy JPEG may differ from libjpeg-turbo by
-a few grey levels, as any two JPEG decoders may.
+OpenJPEG's by the standard (the reversible 5/3 wavelet is integer arithmetic); lossy JPEG
+2000 (the 9/7 wavelet, YBR_ICT) and lossy JPEG may differ from the CPU decoders by a few grey
+levels, as any two decoders of a lossy stream may. Colour follows NVIDIA's own pydicom
+plugin (`nvidia/nvimgcodec/tools/dicom`): sRGB out for YBR_ICT / YBR_RCT and YCbCr JPEG,
+samples unchanged otherwise. A frame that comes back signed, of another shape, or wider
+than the file's samples is refused.
 
 Frames go to the GPU in batches (`BATCH` per call), so an OCT volume's B-scans decode
-together. Each process holds its own decoder (per thread: nvImageCodec decoders are not
-shared between threads here).
+together. Each worker process holds one decoder (per thread, should a process decode from
+several), on device `pid % devices`, with one CPU thread for the hybrid stages (the
+workers are the parallelism); nothing touches CUDA before a worker forks, and a forked
+child forgets its parent's decoder and device count.
 
-Modes (`configure`, the ingest setting `gpu_decode`): "auto" (the default) uses the GPU
-where one is usable, "off" never. "nvimgcodec-cpu" runs the same code on nvImageCodec's CPU
-backends (OpenCV's OpenJPEG and libjpeg-turbo, several threads per file): no faster than
-eyehub's own CPU path, it exists so this adapter (batches, dtypes, colour, fallbacks) is
-tested end to end on machines without a GPU.
+Modes (`configure`, the ingest setting `gpu_decode`): "auto" uses the GPU where one is
+usable, "off" never. A process is "off" until it is configured: ingest's workers configure
+the run's setting (whose default is "auto"); the scoring service, which decodes one upload
+at a time from many threads, keeps the CPU decoders. "nvimgcodec-cpu" runs the same code
+on nvImageCodec's CPU backends (OpenCV's OpenJPEG and libjpeg-turbo, several threads per
+file): no faster than eyehub's own CPU path, it exists so this adapter (batches, dtypes,
+colour, fallbacks) is tested end to end on machines without a GPU.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
@@ -50,7 +59,7 @@ JPEG_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
 _J2K_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "YBR_RCT": 3, "YBR_ICT": 3}
 _JPEG_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
 
-_settings: dict[str, str] = {"mode": "auto"}
+_settings: dict[str, str] = {"mode": "off"}
 _local = threading.local()
 _decoded: dict[Backend, int] = {"gpu": 0, "cpu": 0}
 
@@ -60,7 +69,7 @@ class Refused(Exception):
     the CPU decoders."""
 
 
-def configure(mode: Mode = "auto") -> None:
+def configure(mode: Mode) -> None:
     """Set this process's mode (ingest workers call it with the run's `gpu_decode`)."""
     if mode not in MODES:
         raise ValueError(f"gpu_decode must be one of {', '.join(MODES)} (got {mode!r})")
@@ -130,16 +139,34 @@ def _decoder(backend: Backend) -> Any | None:
                 )
             else:
                 decoder = nvimgcodec.Decoder(
+                    device_id=os.getpid() % cuda_devices(),
+                    max_num_cpu_threads=1,
                     backends=[
+                        nvimgcodec.Backend(nvimgcodec.HW_GPU_ONLY),  # A100/H100 JPEG engines
                         nvimgcodec.Backend(nvimgcodec.GPU_ONLY),
                         nvimgcodec.Backend(nvimgcodec.HYBRID_CPU_GPU),
-                    ]
+                    ],
                 )
         except Exception as exc:  # not installed, or the device would not open
             log.info("nvImageCodec (%s) is not usable here: %s", backend, exc)
             decoder = None
     setattr(_local, backend, decoder)
     return decoder
+
+
+def _forget() -> None:
+    """In a forked child: no CUDA state of the parent's is usable there (its decoders are
+    dropped without being destroyed: their destructors would free the parent's memory)."""
+    global _local
+    cuda_devices.cache_clear()
+    _inherited.append(_local)
+    _local = threading.local()
+
+
+_inherited: list[threading.local] = []
+
+
+os.register_at_fork(after_in_child=_forget)
 
 
 def frame_decoder(ds: Dataset) -> Callable[[Iterable[bytes]], Iterator[np.ndarray]] | None:
@@ -166,13 +193,9 @@ def frame_decoder(ds: Dataset) -> Callable[[Iterable[bytes]], Iterator[np.ndarra
         return None
     from nvidia import nvimgcodec
 
-    jpeg = ts in JPEG_SYNTAXES
+    to_rgb = photometric in ("YBR_ICT", "YBR_RCT", "YBR_FULL", "YBR_FULL_422")
     params = nvimgcodec.DecodeParams(
-        # JPEG: YCbCr to RGB as libjpeg-turbo does; JPEG 2000: the codestream's own
-        # transform only (none for grey), as OpenJPEG does
-        color_spec=(nvimgcodec.SRGB if samples == 3 else nvimgcodec.GRAY)
-        if jpeg
-        else nvimgcodec.UNCHANGED,
+        color_spec=nvimgcodec.SRGB if to_rgb else nvimgcodec.UNCHANGED,
         allow_any_depth=True,
         apply_exif_orientation=False,
     )
@@ -211,10 +234,14 @@ def _decode_batch(
         host = None if image is None else image.cpu()
         if host is None:
             raise Refused
-        pixels = np.asarray(host)
+        pixels = np.ascontiguousarray(np.asarray(host))
         if pixels.ndim == 2:
             pixels = pixels[..., None]
-        if pixels.shape != shape or pixels.dtype.itemsize > np.dtype(dtype).itemsize:
+        if (
+            pixels.shape != shape
+            or pixels.dtype.kind != "u"  # a signed codestream in a file that says unsigned
+            or pixels.dtype.itemsize > np.dtype(dtype).itemsize
+        ):
             raise Refused
         pixels = pixels.astype(dtype, copy=False)
         yield pixels[..., 0] if shape[2] == 1 else pixels

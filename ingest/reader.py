@@ -1048,6 +1048,8 @@ def _decode(ds: Dataset) -> np.ndarray:
                 frames = list(fast(_checked_frames(ds, _frame_buffers(ds, data))))
             except _REFUSED:  # a valid stream it does not take (a DNL marker): pydicom's
                 log.debug("the fast decoder refused a frame; pydicom's plugins decode")
+                for _ in _checked_frames(ds, _frame_buffers(ds, data)):  # the rest unchecked
+                    pass
                 return _decode_with_pydicom(ds, ts, photometric)
         expected = int(ds.get("NumberOfFrames", 1) or 1)
         if len(frames) < expected:  # pydicom's pixel_array refuses these too

@@ -27,7 +27,16 @@ from ingest.run import IngestSettings
 from ingest.store import SCANS
 
 LOSSY_TOLERANCE = 8  # grey levels between two JPEG decoders (as tests/ingest/test_dataset.py)
-HAS_CUDA = gpu_decode.cuda_devices() > 0
+# asked in a child process: this one forks (the cohort's renderers) and should hold no CUDA
+_PROBE = "from ingest import gpu_decode; print(gpu_decode.cuda_devices())"
+HAS_CUDA = (
+    int(
+        subprocess.run(
+            [sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    > 0
+)
 MODES = [
     "nvimgcodec-cpu",
     pytest.param("auto", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")),
@@ -37,7 +46,8 @@ MODES = [
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small cohort (JPEG 2000 OCT and photographs, JPEG photographs among its files)
-    plus a 12-bit JPEG 2000 OCT made from one of its native volumes."""
+    plus a 12-bit JPEG 2000 OCT and a lossy JPEG 2000 (YBR_ICT) photograph made from its
+    native files."""
     root = tmp_path_factory.mktemp("gpu-decode")
     generate_cohort(root, patients=4, seed=23, workers=2)
     folder = root / "dicom"
@@ -52,6 +62,20 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ds.compress(JPEG2000Lossless, twelve_bit, encoding_plugin="pylibjpeg")
     ds.SOPInstanceUID = pydicom.uid.generate_uid()
     ds.save_as(folder / "zz_oct_12bit.dcm", enforce_file_format=True)
+    rgb = next(
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and _syntax(p) == pydicom.uid.ExplicitVRLittleEndian
+        and str(pydicom.dcmread(p, stop_before_pixels=True).get("PhotometricInterpretation"))
+        == "RGB"
+    )
+    ds = pydicom.dcmread(rgb)
+    ds.compress(pydicom.uid.JPEG2000, ds.pixel_array, j2k_cr=[20], use_mct=True)
+    ds.PhotometricInterpretation = "YBR_ICT"  # the codestream's irreversible colour transform
+    ds.LossyImageCompression = "01"
+    ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(folder / "zz_photo_lossy_j2k.dcm", enforce_file_format=True)
     return folder
 
 
@@ -81,7 +105,7 @@ def _decode(path: Path) -> np.ndarray:
 @pytest.fixture
 def mode() -> Iterator[None]:
     yield
-    gpu_decode.configure("auto")
+    gpu_decode.configure("off")  # as every process starts
 
 
 def test_installed_and_without_a_gpu_inert_and_silent(cohort: Path) -> None:
@@ -124,6 +148,7 @@ def test_lossless_frames_are_bit_exact_and_jpeg_within_the_standards_tolerance(
     kinds = {_is_oct(p) for p in j2k}
     assert len(j2k) >= 3 and kinds == {True, False} and jpeg, "the cohort lacks a case"
     backend: gpu_decode.Backend = "cpu" if nvimgcodec_mode == "nvimgcodec-cpu" else "gpu"
+    assert cohort / "zz_photo_lossy_j2k.dcm" in j2k and cohort / "zz_oct_12bit.dcm" in j2k
     for path in j2k + jpeg:
         gpu_decode.configure("off")
         cpu = _decode(path)
@@ -132,13 +157,30 @@ def test_lossless_frames_are_bit_exact_and_jpeg_within_the_standards_tolerance(
         fast = _decode(path)
         assert gpu_decode.frames_decoded()[backend] > before, f"{path.name}: not decoded by it"
         assert fast.shape == cpu.shape and fast.dtype == cpu.dtype, path.name
-        if path in j2k:
+        if _syntax(path) == JPEG2000Lossless:
             assert np.array_equal(fast, cpu), f"{path.name}: lossless pixels differ"
-        else:
+        else:  # lossy JPEG, lossy JPEG 2000 (the 9/7 wavelet in floating point)
             diff = np.abs(fast.astype(int) - cpu.astype(int)).max()
             assert diff <= LOSSY_TOLERANCE, f"{path.name}: {diff} grey levels"
-    twelve = _decode(cohort / "zz_oct_12bit.dcm")
-    assert twelve.dtype == np.uint16 and int(twelve.max()) < 4096
+        if path.name == "zz_oct_12bit.dcm":
+            assert fast.dtype == np.uint16 and 2048 < int(fast.max()) < 4096
+
+
+def test_a_frame_nvimgcodec_cannot_decode_or_of_another_size_is_refused(
+    cohort: Path, mode: None
+) -> None:
+    """The adapter's own refusals (what sends a file to the CPU decoders): a stream it
+    cannot decode, and an image whose size is not the file's."""
+    oct_j2k = next(p for p in _files(cohort, {JPEG2000Lossless}) if _is_oct(p))
+    photo = next(p for p in _files(cohort, {JPEG2000Lossless}) if not _is_oct(p))
+    gpu_decode.configure("nvimgcodec-cpu")
+    decode = gpu_decode.frame_decoder(reader.read_header(oct_j2k, defer_pixels=True))
+    assert decode is not None
+    photo_ds = pydicom.dcmread(photo)
+    photo_frame = next(reader._frame_buffers(photo_ds, photo_ds.PixelData))
+    for frames in ([b"\xff\x4f\xff\x51 not a codestream"], [photo_frame]):
+        with pytest.raises(gpu_decode.Refused):
+            list(decode(frames))
 
 
 @pytest.mark.parametrize("refused_at", ["first", "second", "last"])
@@ -180,30 +222,29 @@ def test_a_frame_the_fast_decoder_refuses_goes_to_the_cpu_decoders_from_that_fra
     assert refusals == [at, 0]
 
 
+@pytest.mark.parametrize("nvimgcodec_mode", MODES)
 def test_an_ingest_through_nvimgcodec_writes_the_dataset_the_cpu_path_writes(
-    cohort: Path, hub_key: HubKey, tmp_path: Path
+    cohort: Path, hub_key: HubKey, tmp_path: Path, nvimgcodec_mode: gpu_decode.Mode, mode: None
 ) -> None:
     """End to end through the local executor's workers: the run's `gpu_decode` reaches them,
     the files they decode through nvImageCodec are counted, the dataset is the same."""
     states = {}
-    names: tuple[gpu_decode.Mode, ...] = ("off", "nvimgcodec-cpu")
+    backend = "cpu" if nvimgcodec_mode == "nvimgcodec-cpu" else "gpu"
+    names: tuple[gpu_decode.Mode, ...] = ("off", nvimgcodec_mode)
     for name in names:
         settings = IngestSettings(workers=2, executor="local", gpu_decode=name)
         summary = run_ingest([cohort], tmp_path / name, hub_key, settings=settings)
         assert summary.quarantined_total == 0
         states[name] = (summary, _state(tmp_path / name))
     (off, (off_catalog, off_scans)), (nv, (nv_catalog, nv_scans)) = states.values()
-    assert off.nvimgcodec["cpu"] == 0
-    gpu_decode.configure("nvimgcodec-cpu")
-    try:
-        taken = [
-            p
-            for p in _files(cohort, gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES)
-            if gpu_decode.frame_decoder(reader.read_header(p, defer_pixels=True))
-        ]
-    finally:
-        gpu_decode.configure("auto")
-    assert len(taken) >= 4 and nv.nvimgcodec["cpu"] == len(taken)
+    assert sum(off.nvimgcodec.values()) == 0
+    gpu_decode.configure(nvimgcodec_mode)
+    taken = [
+        p
+        for p in _files(cohort, gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES)
+        if gpu_decode.frame_decoder(reader.read_header(p, defer_pixels=True))
+    ]
+    assert len(taken) >= 4 and nv.nvimgcodec[backend] == len(taken)
     pd.testing.assert_frame_equal(
         off_catalog.drop(columns="fov_mask_fraction"), nv_catalog.drop(columns="fov_mask_fraction")
     )
