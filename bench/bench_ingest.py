@@ -201,7 +201,7 @@ def _gpu_decode(files: list[str], src: Path, work: Path, workers: int, repeats: 
         return
     on_gpu = gpu_decode.available("gpu")
     mode = "auto" if on_gpu else "nvimgcodec-cpu"
-    syntaxes = gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES
+    syntaxes = reader.J2K_SYNTAXES | reader.JPEG8_SYNTAXES
     chosen = []
     for f in files:
         with warnings.catch_warnings():

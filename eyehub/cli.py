@@ -403,19 +403,21 @@ def ingest(
     """
     from eyehub.errors import UsageError
     from ingest import IngestSettings, load_key, parse_size
+    from ingest.gpu_decode import MODES
+    from ingest.run import EXECUTORS
 
     env = Environment.from_environ()
     key = load_key(key_file or env.key_file)
-    if executor not in ("auto", "local", "ray"):
+    if executor not in EXECUTORS:
         raise UsageError(f"--executor must be auto, local or ray (got {executor!r})")
-    if gpu_decode not in ("auto", "off", "nvimgcodec-cpu"):
+    if gpu_decode not in MODES:  # nvimgcodec-cpu too: a mode for tests, not advertised
         raise UsageError(f"--gpu-decode must be auto or off (got {gpu_decode!r})")
     settings = IngestSettings(
         workers=workers,
         max_decoded_bytes=parse_size(max_decoded_bytes),
         ray_address=ray_address or env.ray_address,
-        executor=executor,  # type: ignore[arg-type]
-        gpu_decode=gpu_decode,  # type: ignore[arg-type]
+        executor=executor,
+        gpu_decode=gpu_decode,
     )
     summary = _run_ingest(sources, out, key=key, labels=labels, settings=settings)
     if summary.quarantined_total:

@@ -2,21 +2,18 @@
 
 An optional path: used when the process sees a CUDA device and `nvidia-nvimgcodec-cu12`
 (with its `nvidia-nvjpeg2k-cu12` / `nvidia-nvjpeg-cu12` libraries) imports; everywhere
-else the CPU decoders run and nothing is printed. The reader (`ingest.reader`) asks
-`frame_decoder(ds)` for a decoder of a file's compressed frames; it gets None where this
-path does not apply, and falls back to its CPU decoders for a file whose frames the GPU
-did not decode (`Refused`).
+else the CPU decoders run and nothing is printed. The reader (`ingest.reader`) decides
+which files' frames a fast decoder takes (`reader.fast_layout`: JPEG 2000 with unsigned
+8 to 16-bit samples, grey / RGB / YBR_RCT / YBR_ICT; 8-bit JPEG, grey or YCbCr) and asks
+`frame_decoder` for one; it gets None where no GPU is usable, and falls back to its CPU
+decoders for a file whose frames the GPU did not decode (`Refused`).
 
-What goes to the GPU: JPEG 2000 (lossless and lossy, Part 1) with unsigned samples of
-8 to 16 bits, grey or colour held as RGB / YBR_RCT / YBR_ICT (the codestream's own colour
-transform, which nvJPEG2000 inverts as OpenJPEG does); 8-bit JPEG Baseline / Extended,
-grey or YCbCr, the frames libjpeg-turbo takes on the CPU. Lossless output is bit-exact with
-OpenJPEG's by the standard (the reversible 5/3 wavelet is integer arithmetic); lossy JPEG
-2000 (the 9/7 wavelet, YBR_ICT) and lossy JPEG may differ from the CPU decoders by a few grey
-levels, as any two decoders of a lossy stream may. Colour follows NVIDIA's own pydicom
-plugin (`nvidia/nvimgcodec/tools/dicom`): sRGB out for YBR_ICT / YBR_RCT and YCbCr JPEG,
-samples unchanged otherwise. A frame that comes back signed, of another shape, or wider
-than the file's samples is refused.
+Lossless output is bit-exact with OpenJPEG's by the standard (the reversible 5/3 wavelet
+is integer arithmetic); lossy JPEG 2000 (the 9/7 wavelet, YBR_ICT) and lossy JPEG may
+differ from the CPU decoders by a few grey levels, as any two decoders of a lossy stream
+may. Colour follows NVIDIA's own pydicom plugin (`nvidia/nvimgcodec/tools/dicom`): sRGB
+out for YBR_ICT / YBR_RCT and YCbCr JPEG, samples unchanged otherwise. A frame that comes
+back signed, of another shape, or wider than the file's samples is refused.
 
 Frames go to the GPU in batches (`BATCH` per call), so an OCT volume's B-scans decode
 together. Each worker process holds one decoder (per thread, should a process decode from
@@ -37,27 +34,22 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import logging
 import os
 import threading
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Literal
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["auto", "off", "nvimgcodec-cpu"]
-MODES: tuple[Mode, ...] = ("auto", "off", "nvimgcodec-cpu")
+MODES: tuple[Mode, ...] = typing.get_args(Mode)
 Backend = Literal["gpu", "cpu"]
 BATCH = 32  # frames per decode call: an OCT volume's B-scans in a few calls
-
-J2K_SYNTAXES = {pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000}
-JPEG_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
-_J2K_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "YBR_RCT": 3, "YBR_ICT": 3}
-_JPEG_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
 
 _settings: dict[str, str] = {"mode": "off"}
 _local = threading.local()
@@ -169,23 +161,13 @@ _inherited: list[threading.local] = []
 os.register_at_fork(after_in_child=_forget)
 
 
-def frame_decoder(ds: Dataset) -> Callable[[Iterable[bytes]], Iterator[np.ndarray]] | None:
-    """A decoder of `ds`'s compressed frames (each checked by the reader first) on the GPU,
-    where this path applies to the file and a GPU is usable; else None."""
+def frame_decoder(
+    rows: int, cols: int, samples: int, bits: int, to_rgb: bool
+) -> Callable[[Iterable[bytes]], Iterator[np.ndarray]] | None:
+    """A decoder of a file's compressed frames (each checked by the reader first) through
+    nvImageCodec, where this process's mode and devices allow; else None. `to_rgb`: the
+    frames are YCbCr (JPEG) or carry the codestream's colour transform (JPEG 2000)."""
     if _settings["mode"] == "off":
-        return None
-    ts = pydicom.uid.UID(str(ds.file_meta.get("TransferSyntaxUID", "")))
-    photometric = str(ds.get("PhotometricInterpretation", ""))
-    bits = int(ds.get("BitsAllocated", 0) or 0)
-    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
-        return None  # signed samples stay with pydicom's decoders
-    if ts in J2K_SYNTAXES and bits in (8, 16):
-        samples = _J2K_PHOTOMETRIC.get(photometric)
-    elif ts in JPEG_SYNTAXES and bits == 8:
-        samples = _JPEG_PHOTOMETRIC.get(photometric)
-    else:
-        return None
-    if samples is None or int(ds.get("SamplesPerPixel", 1) or 1) != samples:
         return None
     backend: Backend = "cpu" if _settings["mode"] == "nvimgcodec-cpu" else "gpu"
     decoder = _decoder(backend)
@@ -193,24 +175,17 @@ def frame_decoder(ds: Dataset) -> Callable[[Iterable[bytes]], Iterator[np.ndarra
         return None
     from nvidia import nvimgcodec
 
-    to_rgb = photometric in ("YBR_ICT", "YBR_RCT", "YBR_FULL", "YBR_FULL_422")
     params = nvimgcodec.DecodeParams(
         color_spec=nvimgcodec.SRGB if to_rgb else nvimgcodec.UNCHANGED,
         allow_any_depth=True,
         apply_exif_orientation=False,
     )
-    shape = (int(ds.Rows), int(ds.Columns), samples)
+    shape = (rows, cols, samples)
     dtype = np.uint8 if bits == 8 else np.uint16
 
     def decode(frames: Iterable[bytes]) -> Iterator[np.ndarray]:
-        batch: list[bytes] = []
-        for frame in frames:
-            batch.append(frame)
-            if len(batch) == BATCH:
-                yield from _decode_batch(decoder, nvimgcodec, batch, params, shape, dtype)
-                _decoded[backend] += len(batch)
-                batch = []
-        if batch:
+        stream = iter(frames)
+        while batch := list(itertools.islice(stream, BATCH)):
             yield from _decode_batch(decoder, nvimgcodec, batch, params, shape, dtype)
             _decoded[backend] += len(batch)
 

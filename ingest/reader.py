@@ -983,13 +983,21 @@ def _ybr_to_rgb(pixels: np.ndarray) -> np.ndarray:
     return np.stack([_ybr_to_rgb(f) for f in pixels])
 
 
-# JPEG Baseline / Extended with 8-bit samples: libjpeg-turbo (through OpenCV's imdecode),
-# about 7x faster than pylibjpeg-libjpeg (a 2048 x 1536 photograph: 55 ms -> 8 ms). Lossy
-# JPEG decoders may differ by a few grey levels (the standard fixes the IDCT's accuracy,
-# not its output); on the synthetic cohort, at most 7 levels from the previous path.
-# Lossless syntaxes are untouched.
-_TURBO_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
-_TURBO_PHOTOMETRIC = {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3}
+# The frames a fast decoder takes (a file it does not take goes to pydicom's plugins):
+# - 8-bit JPEG Baseline / Extended, grey or YCbCr: libjpeg-turbo (through OpenCV's
+#   imdecode), about 7x faster than pylibjpeg-libjpeg (a 2048 x 1536 photograph: 55 ms ->
+#   8 ms), or the GPU. Lossy JPEG decoders may differ by a few grey levels (the standard
+#   fixes the IDCT's accuracy, not its output); on the synthetic cohort, at most 7 levels
+#   from the previous path.
+# - JPEG 2000, 8 to 16 bits, grey or colour with or without the codestream's own colour
+#   transform: the GPU only (`ingest.gpu_decode`); OpenJPEG otherwise.
+# Signed samples always stay with pydicom's plugins.
+JPEG8_SYNTAXES = {pydicom.uid.JPEGBaseline8Bit, pydicom.uid.JPEGExtended12Bit}
+J2K_SYNTAXES = {pydicom.uid.JPEG2000Lossless, pydicom.uid.JPEG2000}
+_FAST_PHOTOMETRIC = {
+    "jpeg": {"MONOCHROME1": 1, "MONOCHROME2": 1, "YBR_FULL": 3, "YBR_FULL_422": 3},
+    "j2k": {"MONOCHROME1": 1, "MONOCHROME2": 1, "RGB": 3, "YBR_RCT": 3, "YBR_ICT": 3},
+}
 
 
 class _TurboRefused(Exception):
@@ -1001,19 +1009,27 @@ _REFUSED = (_TurboRefused, gpu_decode.Refused)
 FrameDecoder = Callable[[Iterable[bytes]], Iterator[np.ndarray]]
 
 
-def _turbo_decoder(ds: Dataset) -> FrameDecoder | None:
-    """A decoder of the frames through libjpeg-turbo where it applies (8-bit JPEG, grey or
-    YCbCr), else None (pydicom's plugins decode)."""
-    if (
-        _transfer_syntax(ds) not in _TURBO_SYNTAXES
-        or int(ds.get("BitsAllocated", 0)) != 8
-        or int(ds.get("PixelRepresentation", 0) or 0) != 0  # signed: pydicom's int8
-    ):
+def fast_layout(ds: Dataset) -> tuple[str, int] | None:
+    """("jpeg" | "j2k", samples per pixel) where a fast decoder takes the file's frames,
+    else None."""
+    ts = _transfer_syntax(ds)
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    if int(ds.get("PixelRepresentation", 0) or 0) != 0:
         return None
-    samples = _TURBO_PHOTOMETRIC.get(str(ds.get("PhotometricInterpretation", "")))
+    if ts in JPEG8_SYNTAXES and bits == 8:
+        kind = "jpeg"
+    elif ts in J2K_SYNTAXES and bits in (8, 16):
+        kind = "j2k"
+    else:
+        return None
+    samples = _FAST_PHOTOMETRIC[kind].get(str(ds.get("PhotometricInterpretation", "")))
     if samples is None or int(ds.get("SamplesPerPixel", 1) or 1) != samples:
         return None
-    rows, cols = int(ds.Rows), int(ds.Columns)
+    return kind, samples
+
+
+def _turbo_decoder(rows: int, cols: int, samples: int) -> FrameDecoder:
+    """A decoder of 8-bit JPEG frames (grey or YCbCr, to RGB) through libjpeg-turbo."""
     mode = cv2.IMREAD_IGNORE_ORIENTATION | (
         cv2.IMREAD_COLOR if samples == 3 else cv2.IMREAD_GRAYSCALE
     )
@@ -1030,7 +1046,16 @@ def _turbo_decoder(ds: Dataset) -> FrameDecoder | None:
 def _fast_decoder(ds: Dataset) -> FrameDecoder | None:
     """The fastest decoder of the file's checked frames that applies: the GPU's
     (`ingest.gpu_decode`, where one is usable), libjpeg-turbo's; None: pydicom's plugins."""
-    return gpu_decode.frame_decoder(ds) or _turbo_decoder(ds)
+    layout = fast_layout(ds)
+    if layout is None:
+        return None
+    kind, samples = layout
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    to_rgb = str(ds.get("PhotometricInterpretation", "")).startswith("YBR")
+    gpu = gpu_decode.frame_decoder(rows, cols, samples, int(ds.BitsAllocated), to_rgb)
+    if gpu is not None or kind != "jpeg":
+        return gpu
+    return _turbo_decoder(rows, cols, samples)
 
 
 def _decode(ds: Dataset) -> np.ndarray:
@@ -1048,7 +1073,7 @@ def _decode(ds: Dataset) -> np.ndarray:
                 frames = list(fast(_checked_frames(ds, _frame_buffers(ds, data))))
             except _REFUSED:  # a valid stream it does not take (a DNL marker): pydicom's
                 log.debug("the fast decoder refused a frame; pydicom's plugins decode")
-                for _ in _checked_frames(ds, _frame_buffers(ds, data)):  # the rest unchecked
+                for _ in _checked_frames(ds, _frame_buffers(ds, data)):  # the unchecked rest too
                     pass
                 return _decode_with_pydicom(ds, ts, photometric)
         expected = int(ds.get("NumberOfFrames", 1) or 1)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import typing
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from ingest.catalog import (
     save_labels,
 )
 from ingest.executor import ExecutorStats, LocalExecutor, RayExecutor
+from ingest.gpu_decode import Mode as GpuDecodeMode
 from ingest.kernel import DEFAULT_MAX_DECODED_BYTES
 from ingest.keys import HubKey
 from ingest.labels import read_labels
@@ -46,16 +48,20 @@ log = logging.getLogger(__name__)
 SOURCE_INDEX = "sources.json"
 
 
+ExecutorChoice = Literal["auto", "local", "ray"]
+EXECUTORS: tuple[ExecutorChoice, ...] = typing.get_args(ExecutorChoice)
+
+
 class IngestSettings(Settings):
     workers: int = 2
     max_decoded_bytes: int = DEFAULT_MAX_DECODED_BYTES
     ray_address: str | None = None
     # auto: Ray when a cluster address is given, else worker processes on this machine
-    executor: Literal["auto", "local", "ray"] = "auto"
+    executor: ExecutorChoice = "auto"
     # a local worker above this resident size after a file is replaced by a fresh one
     max_worker_rss: int = 4 * 2**30
     # JPEG 2000 / JPEG on a CUDA GPU through nvImageCodec where one is usable (ingest/gpu_decode.py)
-    gpu_decode: Literal["auto", "off", "nvimgcodec-cpu"] = "auto"
+    gpu_decode: GpuDecodeMode = "auto"
     batch_files: int = 4  # Ray: files per task
     batch_bytes: int = 64 * 2**20
 

@@ -14,17 +14,15 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import psutil
 import pytest
-import zarr
 
 from eyehub.synth import generate_cohort
 from ingest import HubKey, run_ingest
 from ingest.run import IngestSettings, IngestSummary
-from ingest.store import SCANS
 from tests.ingest.bad_inputs import big_oct
+from tests.ingest.datasets import assert_same_scans, dataset_state
 
 
 class _Killer(threading.Thread):
@@ -62,17 +60,6 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, int]:
     victim = root / "cohort" / "dicom" / "zz_large_oct"
     decoded = big_oct(victim)
     return root / "cohort" / "dicom", victim, decoded
-
-
-def _state(dataset: Path) -> tuple[pd.DataFrame, dict[str, bytes]]:
-    catalog = pd.read_parquet(dataset / "catalog.parquet").sort_values("scan_id")
-    scans = {}
-    for scan_dir in sorted((dataset / SCANS).iterdir()):
-        if scan_dir.is_dir():
-            scans[scan_dir.name] = np.asarray(
-                zarr.open_array(scan_dir / "0", mode="r")[...]
-            ).tobytes()
-    return catalog.reset_index(drop=True), scans
 
 
 @pytest.mark.slow
@@ -136,17 +123,17 @@ def test_both_executors_write_the_same_dataset_and_reruns_convert_nothing(
     datasets = {}
     for executor in ("local", "ray"):
         dataset = tmp_path / executor
-        settings = IngestSettings(workers=2, executor=executor)  # type: ignore[arg-type]
+        settings = IngestSettings(workers=2, executor=executor)
         first = run_ingest([folder], dataset, hub_key, settings=settings)
         assert first.executor == executor and first.quarantined_total == 0
         # from the source index: unchanged files are not even read
         again = run_ingest([folder], dataset, hub_key, settings=settings)
         assert (again.converted, again.present) == (0, first.converted)
         assert again.executor == ""  # nothing to convert: no executor started
-        datasets[executor] = _state(dataset)
+        datasets[executor] = dataset_state(dataset)
     local, ray = datasets["local"], datasets["ray"]
     pd.testing.assert_frame_equal(local[0], ray[0])
-    assert local[1] == ray[1]
+    assert_same_scans(local[1], ray[1])
 
     # without the source index every file is read, hashed and found present
     shutil.rmtree(tmp_path / "local" / ".ingest")

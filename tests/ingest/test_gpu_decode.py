@@ -8,6 +8,7 @@ backends (the `nvimgcodec-cpu` mode), and on the GPU itself where the machine ha
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -18,13 +19,12 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-import zarr
 from pydicom.uid import JPEG2000Lossless
 
 from eyehub.synth import generate_cohort
 from ingest import HubKey, gpu_decode, reader, run_ingest
 from ingest.run import IngestSettings
-from ingest.store import SCANS
+from tests.ingest.datasets import dataset_state
 
 LOSSY_TOLERANCE = 8  # grey levels between two JPEG decoders (as tests/ingest/test_dataset.py)
 # asked in a child process: this one forks (the cohort's renderers) and should hold no CUDA
@@ -67,8 +67,7 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
         for p in sorted(folder.rglob("*"))
         if p.is_file()
         and _syntax(p) == pydicom.uid.ExplicitVRLittleEndian
-        and str(pydicom.dcmread(p, stop_before_pixels=True).get("PhotometricInterpretation"))
-        == "RGB"
+        and str(getattr(_header(p), "PhotometricInterpretation", "")) == "RGB"
     )
     ds = pydicom.dcmread(rgb)
     ds.compress(pydicom.uid.JPEG2000, ds.pixel_array, j2k_cr=[20], use_mct=True)
@@ -79,15 +78,22 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _syntax(path: Path) -> str:
+@functools.cache
+def _header(path: Path) -> pydicom.Dataset | None:
     try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception:
-        return ""
+        return None
+
+
+def _syntax(path: Path) -> str:
+    ds = _header(path)
+    return "" if ds is None else str(ds.file_meta.TransferSyntaxUID)
 
 
 def _is_oct(path: Path) -> bool:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).get("Modality")) == "OPT"
+    ds = _header(path)
+    return ds is not None and str(ds.get("Modality")) == "OPT"
 
 
 def _files(cohort: Path, syntaxes: set[pydicom.uid.UID]) -> list[Path]:
@@ -109,16 +115,20 @@ def mode() -> Iterator[None]:
 
 
 def test_installed_and_without_a_gpu_inert_and_silent(cohort: Path) -> None:
-    """In a fresh process: nvImageCodec imports (make install put it there); where there is
-    no CUDA device no file goes to it, and nothing at all is printed."""
+    """In a fresh process configured as an ingest worker is: nvImageCodec imports (make
+    install put it there); a JPEG 2000 OCT is decoded on the GPU where there is one, and
+    where there is none it goes to the CPU decoders, with nothing at all printed."""
     oct_j2k = _files(cohort, {JPEG2000Lossless})[0]
     code = (
         "import json, sys\n"
-        "from ingest import gpu_decode, reader\n"
-        "ds = reader.read_header(sys.argv[1])\n"
+        "from pathlib import Path\n"
+        "from ingest import gpu_decode\n"
+        "from ingest.kernel import load_scan\n"
+        "gpu_decode.configure('auto')\n"
+        "load_scan(Path(sys.argv[1]))\n"
         "print(json.dumps({'version': gpu_decode.installed(),\n"
         "    'devices': gpu_decode.cuda_devices(), 'describe': gpu_decode.describe(),\n"
-        "    'used': gpu_decode.frame_decoder(ds) is not None}))\n"
+        "    'used': gpu_decode.frames_decoded()['gpu'] > 0}))\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code, str(oct_j2k)],
@@ -143,8 +153,8 @@ def test_installed_and_without_a_gpu_inert_and_silent(cohort: Path) -> None:
 def test_lossless_frames_are_bit_exact_and_jpeg_within_the_standards_tolerance(
     cohort: Path, nvimgcodec_mode: gpu_decode.Mode, mode: None
 ) -> None:
-    j2k = _files(cohort, gpu_decode.J2K_SYNTAXES)
-    jpeg = _files(cohort, gpu_decode.JPEG_SYNTAXES)
+    j2k = _files(cohort, reader.J2K_SYNTAXES)
+    jpeg = _files(cohort, reader.JPEG8_SYNTAXES)
     kinds = {_is_oct(p) for p in j2k}
     assert len(j2k) >= 3 and kinds == {True, False} and jpeg, "the cohort lacks a case"
     backend: gpu_decode.Backend = "cpu" if nvimgcodec_mode == "nvimgcodec-cpu" else "gpu"
@@ -174,7 +184,7 @@ def test_a_frame_nvimgcodec_cannot_decode_or_of_another_size_is_refused(
     oct_j2k = next(p for p in _files(cohort, {JPEG2000Lossless}) if _is_oct(p))
     photo = next(p for p in _files(cohort, {JPEG2000Lossless}) if not _is_oct(p))
     gpu_decode.configure("nvimgcodec-cpu")
-    decode = gpu_decode.frame_decoder(reader.read_header(oct_j2k, defer_pixels=True))
+    decode = reader._fast_decoder(reader.read_header(oct_j2k, defer_pixels=True))
     assert decode is not None
     photo_ds = pydicom.dcmread(photo)
     photo_frame = next(reader._frame_buffers(photo_ds, photo_ds.PixelData))
@@ -235,14 +245,15 @@ def test_an_ingest_through_nvimgcodec_writes_the_dataset_the_cpu_path_writes(
         settings = IngestSettings(workers=2, executor="local", gpu_decode=name)
         summary = run_ingest([cohort], tmp_path / name, hub_key, settings=settings)
         assert summary.quarantined_total == 0
-        states[name] = (summary, _state(tmp_path / name))
-    (off, (off_catalog, off_scans)), (nv, (nv_catalog, nv_scans)) = states.values()
+        states[name] = (summary, dataset_state(tmp_path / name))
+    (off, (off_catalog, off_state)), (nv, (nv_catalog, nv_state)) = states.values()
+    off_scans = {k: pixels for k, (_, pixels) in off_state.items()}
+    nv_scans = {k: pixels for k, (_, pixels) in nv_state.items()}
     assert sum(off.nvimgcodec.values()) == 0
-    gpu_decode.configure(nvimgcodec_mode)
     taken = [
         p
-        for p in _files(cohort, gpu_decode.J2K_SYNTAXES | gpu_decode.JPEG_SYNTAXES)
-        if gpu_decode.frame_decoder(reader.read_header(p, defer_pixels=True))
+        for p in _files(cohort, reader.J2K_SYNTAXES | reader.JPEG8_SYNTAXES)
+        if reader.fast_layout(reader.read_header(p, defer_pixels=True))
     ]
     assert len(taken) >= 4 and nv.nvimgcodec[backend] == len(taken)
     pd.testing.assert_frame_equal(
@@ -259,13 +270,3 @@ def test_an_ingest_through_nvimgcodec_writes_the_dataset_the_cpu_path_writes(
             assert diff <= LOSSY_TOLERANCE, scan_id
         else:
             assert np.array_equal(pixels, nv_scans[scan_id]), scan_id
-
-
-def _state(dataset: Path) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
-    catalog = pd.read_parquet(dataset / "catalog.parquet").sort_values("scan_id")
-    scans = {
-        d.name: np.asarray(zarr.open_array(d / "0", mode="r")[...])
-        for d in sorted((dataset / SCANS).iterdir())
-        if d.is_dir()
-    }
-    return catalog.reset_index(drop=True), scans

@@ -11,24 +11,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import zarr
 
 from eyehub.synth import generate_cohort
 from ingest import HubKey, run_ingest
 from ingest.run import IngestSettings
-
-
-def _dataset_state(dataset: Path) -> tuple[pd.DataFrame, dict[str, tuple]]:
-    catalog = pd.read_parquet(dataset / "catalog.parquet")
-    scans = {}
-    for scan_dir in sorted((dataset / "scans.zarr").iterdir()):
-        if scan_dir.is_dir():
-            group = zarr.open_group(scan_dir, mode="r")
-            scans[scan_dir.name] = (group.attrs.asdict(), np.asarray(group["0"][...]).tobytes())
-    return catalog, scans
+from tests.ingest.datasets import assert_same_scans, dataset_state
 
 
 @pytest.mark.slow
@@ -101,12 +90,10 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_dataset(
 
     rerun = run_ingest([src / "dicom"], interrupted, hub_key, src / "labels.csv")
     assert rerun.converted + rerun.present == total and rerun.quarantined_total == 0
-    ref_catalog, ref_scans = _dataset_state(reference)
-    got_catalog, got_scans = _dataset_state(interrupted)
+    ref_catalog, ref_scans = dataset_state(reference)
+    got_catalog, got_scans = dataset_state(interrupted)
     pd.testing.assert_frame_equal(ref_catalog, got_catalog)
-    assert ref_scans.keys() == got_scans.keys()
-    for scan_id, state in ref_scans.items():
-        assert state == got_scans[scan_id], scan_id
+    assert_same_scans(ref_scans, got_scans)
     # staging debris of the killed run stays invisible (cleaned once stale), never in the store
     leftovers = (
         list((interrupted / ".staging").iterdir()) if (interrupted / ".staging").exists() else []
